@@ -1,0 +1,36 @@
+"""Where the Hydra configs live, and the resolvers they use.
+
+conf/ sits at the top of the repository and ships inside the wheel as ``vlm/conf``: an
+installed package reads its own copy, a source checkout (editable install) the repository's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def config_dir() -> Path:
+    """The directory holding ``train.yaml``."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no Hydra config directory with train.yaml next to {package}")
+
+
+def wandb_offline() -> bool:
+    """W&B runs offline unless an API key is available (environment or ``wandb login``)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("wandb_offline"):
+        OmegaConf.register_new_resolver("wandb_offline", wandb_offline)

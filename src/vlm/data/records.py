@@ -1,0 +1,229 @@
+"""The in-memory sample record and the normalisation of conversations.
+
+Everything that reads or writes training data (the demo renderer, the converter,
+the shard reader) meets here: a :class:`Sample` is one training example, and
+:func:`normalize_conversation` / :func:`align_placeholders` turn the several
+conversation dialects found in the wild into the one form the rest of the code
+expects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "<image>"
+
+# Skip reasons shared by the converter and the streaming reader, so that their
+# summaries use the same words.
+REASON_BAD_JSON = "bad json"
+REASON_BAD_RECORD = "bad record"
+REASON_BAD_CONVERSATION = "bad conversation"
+REASON_PLACEHOLDER_MISMATCH = "placeholder mismatch"
+REASON_MISSING_IMAGE = "missing image"  # an image the shard's json lists is not in the shard
+REASON_MISSING_IMAGE_FILE = "missing image file"  # converter: the image path does not exist
+REASON_UNREADABLE_IMAGE = "unreadable image"
+REASON_UNREADABLE_SHARD = "unreadable shard"
+
+ROLES = ("system", "user", "assistant")
+
+# Every role spelling we accept, mapped to the canonical OpenAI-style role
+# (ShareGPT/LLaVA say "human"/"gpt", OpenAI says "user"/"assistant").
+_ROLE_ALIASES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+
+# The inverse, for writing the ShareGPT-style conversations stored in shards.
+_SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+class RecordError(ValueError):
+    """A record that cannot become a :class:`Sample`.
+
+    ``reason`` is a short, stable category (one of the ``REASON_*`` constants) used to
+    count skips; the message says what exactly is wrong and names the record.
+    """
+
+    def __init__(self, message: str, reason: str = REASON_BAD_RECORD):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Sample:
+    """One training example.
+
+    Attributes:
+        key: Unique name of the sample within its shard (no dots: webdataset splits
+            file names at the first dot).
+        images: RGB images, in the order their placeholders appear in ``messages``.
+        messages: ``[{"role": "system"|"user"|"assistant", "content": str}]``; the contents
+            hold exactly one :data:`IMAGE_PLACEHOLDER` per image, in order, and there is
+            at least one assistant turn.
+    """
+
+    key: str
+    images: list[Image.Image]
+    messages: list[dict[str, str]]
+
+    def placeholder_count(self) -> int:
+        """Number of :data:`IMAGE_PLACEHOLDER` occurrences over all messages."""
+        return count_placeholders(self.messages)
+
+    def validate(self) -> None:
+        """Raise :class:`RecordError` unless the sample meets the documented invariants."""
+        normalize_conversation(self.messages, key=self.key)
+        if self.placeholder_count() != len(self.images):
+            raise RecordError(
+                f"sample {self.key!r}: {self.placeholder_count()} {IMAGE_PLACEHOLDER} placeholder(s) "
+                f"for {len(self.images)} image(s)",
+                REASON_PLACEHOLDER_MISMATCH,
+            )
+        for i, image in enumerate(self.images):
+            if not isinstance(image, Image.Image) or image.mode != "RGB":
+                raise RecordError(f"sample {self.key!r}: image {i} is not an RGB PIL image", REASON_BAD_RECORD)
+
+
+def _where(key: str | None) -> str:
+    return f"record {key!r}: " if key is not None else ""
+
+
+def normalize_conversation(conversations: list[dict], key: str | None = None) -> list[dict[str, str]]:
+    """Turn a ShareGPT/LLaVA or OpenAI-style conversation into canonical messages.
+
+    Args:
+        conversations: turns as ``{"from": "human"|"gpt"|"system"|"user"|"assistant", "value": str}``
+            or ``{"role": ..., "content": str}`` (role names are case-insensitive).
+        key: name of the record, only used in error messages.
+
+    Returns:
+        A new list of ``{"role": "system"|"user"|"assistant", "content": str}``; contents are
+        passed through unchanged.
+
+    Raises:
+        RecordError (a ``ValueError``, reason ``"bad conversation"``): not a list, empty,
+        a turn without role/content, an unknown role, non-string content, or no assistant turn.
+    """
+    where = _where(key)
+    if not isinstance(conversations, list):
+        raise RecordError(
+            f"{where}conversation must be a list of turns, got {type(conversations).__name__}",
+            REASON_BAD_CONVERSATION,
+        )
+    if not conversations:
+        raise RecordError(f"{where}conversation is empty", REASON_BAD_CONVERSATION)
+    messages: list[dict[str, str]] = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            raise RecordError(
+                f"{where}turn {i} must be an object, got {type(turn).__name__}", REASON_BAD_CONVERSATION
+            )
+        if "from" in turn or "value" in turn:
+            role, content = turn.get("from"), turn.get("value")
+        elif "role" in turn or "content" in turn:
+            role, content = turn.get("role"), turn.get("content")
+        else:
+            raise RecordError(
+                f"{where}turn {i} has neither 'from'/'value' nor 'role'/'content' (keys: {sorted(turn)})",
+                REASON_BAD_CONVERSATION,
+            )
+        canonical = _ROLE_ALIASES.get(role.lower()) if isinstance(role, str) else None
+        if canonical is None:
+            raise RecordError(
+                f"{where}turn {i} has unknown role {role!r}; expected one of {sorted(_ROLE_ALIASES)}",
+                REASON_BAD_CONVERSATION,
+            )
+        if not isinstance(content, str):
+            raise RecordError(
+                f"{where}turn {i} ({canonical}) content must be a string, got {type(content).__name__}",
+                REASON_BAD_CONVERSATION,
+            )
+        messages.append({"role": canonical, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RecordError(f"{where}conversation has no assistant turn", REASON_BAD_CONVERSATION)
+    return messages
+
+
+def count_placeholders(messages: list[dict[str, str]]) -> int:
+    """Number of :data:`IMAGE_PLACEHOLDER` occurrences over all message contents."""
+    return sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+
+
+def align_placeholders(messages: list[dict[str, str]], n_images: int, key: str | None = None) -> list[dict[str, str]]:
+    """Make the placeholders in ``messages`` match ``n_images``.
+
+    LLaVA-style data often carries an image but no ``<image>`` token; by that convention
+    the image goes before the first user turn, so when there are images and no placeholder
+    at all, one placeholder per image (each followed by a newline) is prepended to the first
+    user turn. Otherwise the count must already be right.
+
+    Args:
+        messages: canonical messages (see :func:`normalize_conversation`); not modified.
+        n_images: number of images the record carries.
+        key: record name for error messages.
+
+    Returns:
+        The messages, as a new list when a placeholder was inserted.
+
+    Raises:
+        RecordError (reason ``"placeholder mismatch"``): the counts differ and cannot be fixed
+        by the rule above (including images with no user turn to attach them to).
+    """
+    found = count_placeholders(messages)
+    if found == n_images:
+        return messages
+    if found == 0:
+        for i, message in enumerate(messages):
+            if message["role"] == "user":
+                fixed = list(messages)
+                fixed[i] = {"role": "user", "content": (IMAGE_PLACEHOLDER + "\n") * n_images + message["content"]}
+                return fixed
+    raise RecordError(
+        f"{_where(key)}{found} {IMAGE_PLACEHOLDER} placeholder(s) in the conversation for {n_images} image(s)",
+        REASON_PLACEHOLDER_MISMATCH,
+    )
+
+
+def to_sharegpt(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Canonical messages as ShareGPT turns (``{"from": "human"|"gpt"|"system", "value": ...}``)."""
+    return [{"from": _SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in messages]
+
+
+class SkipCounter:
+    """Counts skipped records per reason and warns once per reason.
+
+    One counter belongs to one process: a DataLoader worker gets its own copy, so counts
+    made inside workers are not seen by the parent (the once-per-reason warnings are).
+    """
+
+    def __init__(self, logger: logging.Logger | None = None):
+        self._counts: Counter[str] = Counter()
+        self._logger = logger or logging.getLogger(__name__)
+
+    def add(self, reason: str, detail: Any = None) -> None:
+        """Count one skip for ``reason``; the first one per reason is logged with ``detail``."""
+        if reason not in self._counts:
+            self._logger.warning(
+                "skipping bad sample (%s): %s (further '%s' skips are counted, not logged)", reason, detail, reason
+            )
+        self._counts[reason] += 1
+
+    @property
+    def total(self) -> int:
+        """All skips, over every reason."""
+        return sum(self._counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        """Skips per reason, most frequent first."""
+        return dict(self._counts.most_common())
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.as_dict()})"

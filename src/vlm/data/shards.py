@@ -1,0 +1,315 @@
+"""Writing and reading the tar shard format.
+
+A shard is a plain tar file as written by ``webdataset.TarWriter``. Per sample it holds
+
+* ``KEY.json`` -- ``{"conversations": [ShareGPT turns], "images": ["0.png", "1.png"]}``
+* its images: ``KEY.png`` (or ``.jpg``/``.jpeg``/``.webp``) for a single image, or
+  ``KEY.0.png``, ``KEY.1.png``, ... for several (webdataset splits names at the first dot,
+  so ``0.png`` is the "extension").
+
+``images`` lists the image extensions in placeholder order; when it is absent the reader takes
+every image entry, sorted by extension name in natural numeric order. Keys therefore must not
+contain a dot.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+
+from vlm.data.records import (
+    REASON_BAD_JSON,
+    REASON_BAD_RECORD,
+    REASON_MISSING_IMAGE,
+    REASON_UNREADABLE_IMAGE,
+    RecordError,
+    Sample,
+    align_placeholders,
+    normalize_conversation,
+    to_sharegpt,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+# A fixed modification time makes shards byte-for-byte reproducible from the same samples.
+_TAR_MTIME = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def encode_image(image: Image.Image, image_format: str = "png") -> bytes:
+    """Encode a PIL image as ``png``, ``jpg``/``jpeg`` or ``webp`` bytes (converted to RGB first)."""
+    fmt = _PIL_FORMAT.get(image_format.lower())
+    if fmt is None:
+        raise ValueError(f"unsupported image format {image_format!r}; use one of {IMAGE_EXTENSIONS}")
+    buffer = io.BytesIO()
+    options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    image.convert("RGB").save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def check_key(key: str) -> None:
+    """Raise ``ValueError`` if ``key`` cannot name a sample in a shard.
+
+    A dot would move part of the key into the extension, a slash would create a directory
+    entry, and ``__x__`` names are skipped by webdataset as metadata.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"sample key must be a non-empty string, got {key!r}")
+    if "." in key or "/" in key or (key.startswith("__") and key.endswith("__")):
+        raise ValueError(f"sample key {key!r} may not contain '.' or '/' or look like '__meta__'")
+
+
+def encode_sample(sample: Sample, image_format: str = "png") -> dict[str, Any]:
+    """Turn a :class:`Sample` into the dict ``webdataset.TarWriter`` writes (all values bytes).
+
+    Raises ``ValueError``/:class:`RecordError` naming the sample if it is not well formed.
+    """
+    check_key(sample.key)
+    sample.validate()
+    ext = image_format.lower()
+    if ext not in _PIL_FORMAT:
+        raise ValueError(f"unsupported image format {image_format!r}; use one of {IMAGE_EXTENSIONS}")
+    names = [ext] if len(sample.images) == 1 else [f"{i}.{ext}" for i in range(len(sample.images))]
+    meta = {"conversations": to_sharegpt(sample.messages), "images": names}
+    record: dict[str, Any] = {"__key__": sample.key, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+    for name, image in zip(names, sample.images):
+        record[name] = encode_image(image, ext)
+    return record
+
+
+class _ShardRotator:
+    """Writes records to ``prefix-000000.tar``, ``prefix-000001.tar``, ... with at most ``per_shard`` each.
+
+    Each shard is written under a ``.partial`` name and renamed when complete, so a crash never
+    leaves a truncated file that matches the shard pattern.
+    """
+
+    def __init__(self, out_dir: Path, prefix: str, per_shard: int):
+        self.out_dir, self.prefix, self.per_shard = out_dir, prefix, per_shard
+        self.paths: list[Path] = []
+        self._writer: wds.TarWriter | None = None
+        self._file = None
+        self._count = 0
+        self._keys: set[str] = set()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._writer is None or self._count >= self.per_shard:
+            self._finish()
+            self._open()
+        key = record["__key__"]
+        if key in self._keys:
+            # webdataset groups consecutive entries by key, so a repeated key would merge two samples.
+            raise ValueError(f"duplicate sample key {key!r} in shard {self.paths[-1]}")
+        self._keys.add(key)
+        self._writer.write(record)
+        self._count += 1
+
+    def _open(self) -> None:
+        path = self.out_dir / f"{self.prefix}-{len(self.paths):06d}.tar"
+        self.paths.append(path)
+        self._file = open(self._partial(path), "wb")
+        self._writer = wds.TarWriter(self._file, encoder=False, mtime=_TAR_MTIME)
+        self._count = 0
+        self._keys = set()
+
+    def _finish(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._file.close()
+        os.replace(self._partial(self.paths[-1]), self.paths[-1])
+        self._writer = self._file = None
+
+    def abort(self) -> None:
+        """Drop the shard being written (after an error)."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._file.close()
+        self._partial(self.paths.pop()).unlink(missing_ok=True)
+        self._writer = self._file = None
+
+    def close(self) -> list[Path]:
+        self._finish()
+        return self.paths
+
+    @staticmethod
+    def _partial(path: Path) -> Path:
+        return path.with_name(path.name + ".partial")
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    out_dir: Path,
+    prefix: str,
+    max_samples_per_shard: int,
+    image_format: str = "png",
+) -> list[Path]:
+    """Write samples into tar shards ``out_dir/f"{prefix}-{i:06d}.tar"``.
+
+    Args:
+        samples: consumed lazily, one at a time (so a generator over a huge data set is fine).
+        out_dir: created if missing.
+        prefix: shard name prefix, e.g. ``"train"``.
+        max_samples_per_shard: shard size limit (> 0).
+        image_format: ``png`` (lossless, default), ``jpg``/``jpeg`` or ``webp``.
+
+    Returns:
+        Paths of the shards written, in order; empty when ``samples`` is empty.
+
+    Raises:
+        ValueError / RecordError: a sample is malformed (bad key, placeholder mismatch, duplicate
+        key within a shard). Shards completed before the error are kept; the partial one is removed.
+    """
+    if max_samples_per_shard < 1:
+        raise ValueError(f"max_samples_per_shard must be positive, got {max_samples_per_shard}")
+    if not prefix or "/" in prefix or os.sep in prefix:
+        raise ValueError(f"shard prefix must be a plain file name prefix, got {prefix!r}")
+    if image_format.lower() not in _PIL_FORMAT:
+        raise ValueError(f"unsupported image format {image_format!r}; use one of {IMAGE_EXTENSIONS}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rotator = _ShardRotator(out_dir, prefix, max_samples_per_shard)
+    try:
+        for sample in samples:
+            rotator.write(encode_sample(sample, image_format))
+    except BaseException:
+        rotator.abort()
+        raise
+    paths = rotator.close()
+    _warn_about_stale_shards(out_dir, prefix, len(paths))
+    return paths
+
+
+def _warn_about_stale_shards(out_dir: Path, prefix: str, n_written: int) -> None:
+    # Shards left over from an earlier, larger run would be picked up by a glob (not by the
+    # brace pattern we return); say so rather than deleting files we did not write.
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})\.tar$")
+    stale = sorted(p.name for p in out_dir.iterdir() if (m := pattern.match(p.name)) and int(m.group(1)) >= n_written)
+    if stale:
+        log.warning("%s holds %d older shard(s) not written by this run: %s", out_dir, len(stale), ", ".join(stale))
+
+
+def shard_pattern(paths: Iterable[str | os.PathLike]) -> str:
+    """A brace pattern webdataset expands back into ``paths``.
+
+    ``[".../train-000000.tar", ..., ".../train-000003.tar"]`` becomes
+    ``".../train-{000000..000003}.tar"``; a single path is returned as is; numbered paths that
+    are not contiguous become a brace list ``{000000,000002}``.
+
+    Raises ``ValueError`` for no paths, or paths that do not differ only in their shard number.
+    """
+    names = [os.fspath(p) for p in paths]
+    if not names:
+        raise ValueError("shard_pattern needs at least one path")
+    if len(names) == 1:
+        return names[0]
+    parts = [re.match(r"^(.*\D)?(\d+)(\.[^/]*)$", name) for name in names]
+    if not all(parts):
+        raise ValueError(f"shard paths must end in a shard number and extension: {names}")
+    heads = {(m.group(1) or "", m.group(3), len(m.group(2))) for m in parts}
+    if len(heads) != 1:
+        raise ValueError(f"shard paths differ in more than their shard number: {names}")
+    head, tail, width = heads.pop()
+    numbers = sorted(int(m.group(2)) for m in parts)
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"duplicate shard paths: {names}")
+    if numbers == list(range(numbers[0], numbers[-1] + 1)):
+        middle = f"{numbers[0]:0{width}d}..{numbers[-1]:0{width}d}"
+    else:
+        middle = ",".join(f"{n:0{width}d}" for n in numbers)
+    return f"{head}{{{middle}}}{tail}"
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _natural_key(name: str) -> list:
+    """Sort key putting ``2.png`` before ``10.png``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def image_entries(raw: dict[str, Any]) -> list[str]:
+    """The image entries of a raw webdataset sample, in natural order of their extension names."""
+    names = [k for k in raw if not k.startswith("__") and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+    return sorted(names, key=_natural_key)
+
+
+def decode_image(data: bytes, where: str) -> Image.Image:
+    """Decode image bytes into an RGB PIL image; :class:`RecordError` ("unreadable image") if impossible."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decode now, so a truncated file fails here and not in a collate function
+            return image.convert("RGB")
+    except Exception as exc:  # PIL raises many exception types for corrupt data
+        raise RecordError(f"{where}: cannot decode image ({exc})", REASON_UNREADABLE_IMAGE) from exc
+
+
+def decode_sample(raw: dict[str, Any]) -> Sample:
+    """Build a :class:`Sample` from a raw webdataset sample.
+
+    Args:
+        raw: ``{"__key__": str, "json": bytes, "png" | "0.png" | ...: bytes, ...}`` as produced
+            by ``webdataset.tarfile_to_samples``; ``__url__`` (if present) is used in messages.
+
+    Returns:
+        The sample, with images decoded to RGB and placeholders aligned (a record with images but
+        no placeholder gets them prepended to its first user turn).
+
+    Raises:
+        RecordError: with ``reason`` "bad json", "bad conversation", "missing image",
+        "unreadable image" or "placeholder mismatch"; the message names the key and shard.
+    """
+    key = raw.get("__key__")
+    url_note = f" (in {raw['__url__']})" if raw.get("__url__") else ""
+    where = f"sample {key!r}{url_note}"
+    if not isinstance(key, str) or not key:
+        raise RecordError(f"{where}: no __key__", REASON_BAD_RECORD)
+    if "json" not in raw:
+        raise RecordError(f"{where}: no {key}.json entry", REASON_BAD_JSON)
+    try:
+        text = raw["json"]
+        meta = json.loads(text.decode("utf-8") if isinstance(text, (bytes, bytearray)) else text)
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise RecordError(f"{where}: {key}.json is not valid JSON ({exc})", REASON_BAD_JSON) from exc
+    if not isinstance(meta, dict) or "conversations" not in meta:
+        raise RecordError(f"{where}: {key}.json must be an object with 'conversations'", REASON_BAD_JSON)
+
+    try:
+        messages = normalize_conversation(meta["conversations"], key=key)
+    except RecordError as exc:
+        raise RecordError(f"{exc}{url_note}", exc.reason) from exc
+
+    listed = meta.get("images")
+    if listed is None:
+        names = image_entries(raw)
+    elif isinstance(listed, list) and all(isinstance(n, str) for n in listed):
+        names = [n.lower() for n in listed]  # webdataset lower-cases extensions when grouping
+        missing = [n for n in names if n not in raw]
+        if missing:
+            raise RecordError(f"{where}: images {missing} listed in {key}.json are not in the shard", REASON_MISSING_IMAGE)
+    else:
+        raise RecordError(f"{where}: 'images' in {key}.json must be a list of extension names", REASON_BAD_JSON)
+
+    # Align before decoding: a mismatch is cheaper to find than a decoded image.
+    try:
+        messages = align_placeholders(messages, len(names), key=key)
+    except RecordError as exc:
+        raise RecordError(f"{exc}{url_note}", exc.reason) from exc
+    images = [decode_image(raw[name], f"{where}, image {key}.{name}") for name in names]
+    return Sample(key=key, images=images, messages=messages)

@@ -1,0 +1,191 @@
+"""The WebDataset streaming pipeline that yields :class:`~vlm.data.records.Sample` objects.
+
+Stages, in order::
+
+    shard urls -> [shuffle shards] -> split by rank -> split by DataLoader worker
+               -> tar entries grouped by key -> [shuffle buffer of raw samples] -> decode
+
+Shards are shuffled *before* splitting with the same seed on every rank and worker, so the
+split is a partition: in one pass every shard, and so every sample, is read by exactly one
+worker of one rank. Raw (still encoded) samples are shuffled, which keeps the buffer small,
+and decoding comes last, where a bad sample is skipped and counted instead of crashing the run.
+
+Splitting is webdataset's (``split_by_node`` then ``split_by_worker``): whole shards are dealt
+round-robin. With fewer shards than ``world_size * num_workers`` some workers get none; they
+log a warning and yield nothing (a DataLoader then simply reads the other workers, but under
+DDP a rank that gets no shards at all yields no batches, so write at least ``world_size *
+num_workers`` shards, ideally a multiple of it, to balance ranks).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import webdataset as wds
+from webdataset.shardlists import expand_urls
+from webdataset.utils import PipelineStage, pytorch_worker_info
+
+from vlm.data.records import REASON_UNREADABLE_SHARD, RecordError, Sample, SkipCounter
+from vlm.data.shards import decode_sample
+
+__all__ = ["SkipCounter", "sample_stream"]
+
+log = logging.getLogger(__name__)
+
+
+class _ShuffleShards(PipelineStage):
+    """Shuffles the shard list with ``Random(seed + pass)``.
+
+    Every rank and worker holds a copy of this stage with the same seed and pass number, hence
+    shuffles identically, which is what makes the following split a partition. The pass number
+    advances each time the pipeline restarts (``repeat=True``), so each pass has a new order.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.passes = 0
+
+    def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        shards = list(src)
+        random.Random(self.seed + self.passes).shuffle(shards)
+        self.passes += 1
+        return iter(shards)
+
+
+class _SplitShards(PipelineStage):
+    """Keeps this rank's and worker's share of the shards, warning when that share is empty."""
+
+    def __init__(self, by_node: bool, by_worker: bool):
+        self.by_node, self.by_worker = by_node, by_worker
+
+    def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        shards = list(src)
+        mine: Iterable[dict[str, Any]] = shards
+        if self.by_node:
+            mine = wds.split_by_node(mine)
+        if self.by_worker:
+            mine = wds.split_by_worker(mine)
+        mine = list(mine)
+        if shards and not mine:
+            rank, world_size, worker, num_workers = pytorch_worker_info()
+            log.warning(
+                "rank %d/%d, worker %d/%d got none of the %d shard(s) and yields no samples; "
+                "write at least world_size * num_workers shards",
+                rank, world_size, worker, num_workers, len(shards),
+            )
+        return iter(mine)
+
+
+class _ShuffleSamples(PipelineStage):
+    """A buffer shuffle whose RNG is seeded from (seed, pass, rank, worker).
+
+    Unlike ``webdataset.shuffle`` (seeded from the clock) it repeats exactly for the same seed;
+    mixing in rank and worker keeps workers from applying the same permutation pattern.
+    """
+
+    def __init__(self, bufsize: int, seed: int):
+        self.bufsize, self.seed = bufsize, seed
+        self.passes = 0
+
+    def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rank, _, worker, _ = pytorch_worker_info()
+        rng = random.Random(f"{self.seed}/{self.passes}/{rank}/{worker}")
+        self.passes += 1
+        return self._shuffle(iter(src), rng)
+
+    def _shuffle(self, src: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        buffer: list[dict[str, Any]] = []
+        for item in src:
+            if len(buffer) < self.bufsize:
+                buffer.append(item)
+                continue
+            # Swap a random element out for the new one: each output is uniform over the buffer.
+            i = rng.randrange(len(buffer))
+            buffer[i], item = item, buffer[i]
+            yield item
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+class _SkipShardErrors:
+    """webdataset exception handler: count an unreadable shard/tar entry and go on."""
+
+    def __init__(self, counter: SkipCounter):
+        self.counter = counter
+
+    def __call__(self, exc: Exception) -> bool:
+        self.counter.add(REASON_UNREADABLE_SHARD, repr(exc))
+        return True  # continue with the next shard / entry
+
+
+class _DecodeSamples(PipelineStage):
+    """Raw webdataset samples -> :class:`Sample`, skipping and counting bad ones."""
+
+    def __init__(self, counter: SkipCounter):
+        self.counter = counter
+
+    def run(self, src: Iterable[dict[str, Any]]) -> Iterator[Sample]:
+        for raw in src:
+            try:
+                yield decode_sample(raw)
+            except RecordError as exc:
+                self.counter.add(exc.reason, exc)
+
+
+def sample_stream(
+    urls: str | list[str],
+    *,
+    shuffle_buffer: int,
+    seed: int,
+    repeat: bool,
+    split_by_node: bool = True,
+    split_by_worker: bool = True,
+    skip_counter: SkipCounter | None = None,
+) -> wds.DataPipeline:
+    """A pipeline (a torch ``IterableDataset``) yielding :class:`Sample` objects from tar shards.
+
+    Args:
+        urls: a shard path/URL, a brace pattern such as ``"dir/train-{000000..000007}.tar"``
+            (``::`` joins several), or a list of them.
+        shuffle_buffer: > 0 shuffles the shard order and then samples through a buffer of this many
+            raw samples, deterministically from ``seed``; 0 reads shards and samples in order.
+        seed: shuffling seed; the same seed gives the same order (for the same world size and
+            number of workers).
+        repeat: ``True`` restarts the pipeline forever (each pass reshuffled) -- for training with
+            ``max_steps``, where Lightning never sees an epoch end (so validate every N steps with
+            an integer ``val_check_interval`` and ``check_val_every_n_epoch=None``). ``False`` reads
+            one pass, for validation (use ``shuffle_buffer=0`` there).
+        split_by_node: give each distributed rank its share of the shards (``webdataset.split_by_node``).
+        split_by_worker: give each DataLoader worker its share of the rank's shards.
+        skip_counter: where skipped samples are counted per reason; one is created if omitted.
+            Each reason is logged once as a warning. Counts made in DataLoader worker processes
+            stay in those processes.
+
+    Returns:
+        A ``webdataset.DataPipeline``; wrap it in ``torch.utils.data.DataLoader`` (it yields single
+        samples, so batch with a collate function or ``batch_size``).
+    """
+    if shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+    expanded = [url for pattern in ([urls] if isinstance(urls, str) else urls) for url in expand_urls(pattern)]
+    if not expanded:
+        raise ValueError(f"no shards in {urls!r}")
+    counter = skip_counter if skip_counter is not None else SkipCounter()
+    shuffling = shuffle_buffer > 0
+    stages = [
+        wds.SimpleShardList(expanded),
+        _ShuffleShards(seed) if shuffling else None,
+        _SplitShards(split_by_node, split_by_worker),
+        wds.tarfile_to_samples(handler=_SkipShardErrors(counter)),
+        _ShuffleSamples(shuffle_buffer, seed) if shuffling else None,
+        _DecodeSamples(counter),
+    ]
+    pipeline = wds.DataPipeline(*[stage for stage in stages if stage is not None])
+    if repeat:
+        # DataPipeline.repeat() stops by itself if a pass yields nothing, so a worker without
+        # shards (or with only bad samples) ends instead of spinning forever.
+        pipeline = pipeline.repeat()
+    return pipeline

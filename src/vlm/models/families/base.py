@@ -1,0 +1,144 @@
+"""What a model family is: where its parts live, its image token, its LoRA targets, its tiny variant.
+
+A family is keyed by the Hugging Face ``model_type`` of its checkpoints. Everything else in the
+project asks the family instead of branching on model names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import transformers
+
+# Every linear layer of a decoder block of a Llama-style language model: the standard QLoRA targets.
+LLAMA_STYLE_LINEARS = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """Sizes of the tiny variant of a family: small enough to train on two CPU cores in seconds."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_hidden_size: int = 32
+    vision_layers: int = 2
+    image_size: int = 32
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Where a vision-language family keeps its parts, as full module names of the loaded model.
+
+    ``vision_tower``, ``projector`` and ``language_model`` are module-name prefixes;
+    ``cross_attention_out`` is a regex over full module names (families without cross-attention
+    leave it ``None``); ``lora_targets`` is a regex that PEFT full-matches against module names.
+    ``batch_major_image_keys`` names the processor outputs that carry a leading batch dimension
+    (the rest of the image tensors are stacked per image), which is all collation needs to know.
+    """
+
+    model_type: ClassVar[str]
+    model_class_name: ClassVar[str]
+    processor_class_name: ClassVar[str]
+    image_token: ClassVar[str]
+    vision_tower: ClassVar[str]
+    projector: ClassVar[str]
+    language_model: ClassVar[str] = "model.language_model"
+    cross_attention_out: ClassVar[str | None] = None
+    lora_targets: ClassVar[str]
+    batch_major_image_keys: ClassVar[frozenset[str]] = frozenset()
+    # True where the processor's video part may be left out (it needs torchvision; we train on images).
+    video_optional: ClassVar[bool] = False
+    # Special tokens the tiny tokenizer needs: (bos, eos, pad) and the rest.
+    tiny_bos: ClassVar[str | None] = None
+    tiny_eos: ClassVar[str]
+    tiny_pad: ClassVar[str]
+    tiny_extra_special_tokens: ClassVar[tuple[str, ...]] = ()
+    tiny_chat_template: ClassVar[str]
+
+    tiny: TinySize = field(default_factory=TinySize)
+
+    # ---- classes -------------------------------------------------------------------------------
+    @property
+    def model_class(self) -> type:
+        return getattr(transformers, self.model_class_name)
+
+    @property
+    def processor_class(self) -> type:
+        return getattr(transformers, self.processor_class_name)
+
+    # ---- module names --------------------------------------------------------------------------
+    def is_vision(self, name: str) -> bool:
+        return _under(name, self.vision_tower)
+
+    def is_projector(self, name: str) -> bool:
+        return _under(name, self.projector)
+
+    def is_cross_attention_out(self, name: str) -> bool:
+        return self.cross_attention_out is not None and re.fullmatch(self.cross_attention_out, name) is not None
+
+    def is_lora_target(self, name: str) -> bool:
+        return re.fullmatch(self.lora_targets, name) is not None
+
+    # ---- tiny variant --------------------------------------------------------------------------
+    def tiny_special_tokens(self) -> list[str]:
+        tokens = [self.tiny_bos, self.tiny_eos, self.tiny_pad, self.image_token, *self.tiny_extra_special_tokens]
+        return list(dict.fromkeys(t for t in tokens if t))
+
+    def tiny_config(self, token_ids: dict[str, int], vocab_size: int) -> transformers.PretrainedConfig:
+        """The family's config at tiny size; ``token_ids`` maps each special token to its id."""
+        raise NotImplementedError
+
+    def tiny_processor(self, tokenizer: Any) -> Any:
+        """A processor for the tiny variant around a locally built tokenizer (slow PIL image processor)."""
+        raise NotImplementedError
+
+    def tiny_text_config(self, vocab_size: int, pad_token_id: int, **overrides: Any) -> dict[str, Any]:
+        size = self.tiny
+        return {
+            "vocab_size": vocab_size,
+            "hidden_size": size.hidden_size,
+            "intermediate_size": size.intermediate_size,
+            "num_hidden_layers": size.num_layers,
+            "num_attention_heads": size.num_heads,
+            "num_key_value_heads": size.num_kv_heads,
+            "max_position_embeddings": 4096,
+            "pad_token_id": pad_token_id,
+            "tie_word_embeddings": False,
+            **overrides,
+        }
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def image_processor(class_stem: str, **kwargs: Any) -> Any:
+    """The slow (PIL) image processor of a family, under the name the installed transformers uses.
+
+    Newer 5.x releases call it ``<Stem>ImageProcessorPil``; earlier ones ``<Stem>ImageProcessor``.
+    The slow one is chosen because it needs no torchvision.
+    """
+    cls = getattr(transformers, f"{class_stem}ImageProcessorPil", None) or getattr(transformers, f"{class_stem}ImageProcessor")
+    return cls(**kwargs)
+
+
+def image_only(processor_class: type) -> type:
+    """``processor_class`` without its video processor, under the same class name.
+
+    Qwen's processors insist on a video processor, which needs torchvision; images alone need only
+    the image processor and the tokenizer. The subclass keeps the name so that what it saves reads
+    as the original processor class.
+    """
+
+    class ImageOnlyProcessor(processor_class):
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return ["image_processor", "tokenizer"]
+
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_class.__name__
+    return ImageOnlyProcessor

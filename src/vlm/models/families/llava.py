@@ -1,0 +1,119 @@
+"""LLaVA 1.5 (CLIP ViT + two-layer MLP projector + Llama/Vicuna) and LLaVA-NeXT (adds any-resolution tiling)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import transformers
+
+from .base import LLAMA_STYLE_LINEARS, ModelFamily, image_processor
+
+# USER/ASSISTANT turns as in LLaVA-1.5; images render as the <image> placeholder that the
+# processor expands to one token per patch. Assistant turns end with </s> so the model learns to stop.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}\n"
+    "{% else %}{{ message['role'].upper() }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}</s>{% endif %}\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+class Llava(ModelFamily):
+    model_type = "llava"
+    model_class_name = "LlavaForConditionalGeneration"
+    processor_class_name = "LlavaProcessor"
+    image_token = "<image>"
+    vision_tower = "model.vision_tower"
+    projector = "model.multi_modal_projector"
+    lora_targets = rf"model\.language_model\.layers\.\d+\.{LLAMA_STYLE_LINEARS}"
+    tiny_bos = "<s>"
+    tiny_eos = "</s>"
+    tiny_pad = "<pad>"
+    tiny_extra_special_tokens = ("<unk>",)
+    tiny_chat_template = LLAVA_CHAT_TEMPLATE
+
+    patch_size = 8
+
+    def tiny_vision_config(self) -> dict[str, Any]:
+        size = self.tiny
+        return {
+            "model_type": "clip_vision_model",
+            "hidden_size": size.vision_hidden_size,
+            "intermediate_size": 2 * size.vision_hidden_size,
+            "num_hidden_layers": size.vision_layers,
+            "num_attention_heads": 2,
+            "image_size": size.image_size,
+            "patch_size": self.patch_size,
+            "projection_dim": size.vision_hidden_size,
+        }
+
+    def tiny_config(self, token_ids: dict[str, int], vocab_size: int) -> transformers.PretrainedConfig:
+        return transformers.LlavaConfig(
+            vision_config=self.tiny_vision_config(),
+            text_config={"model_type": "llama", **self.tiny_text_config(vocab_size, token_ids[self.tiny_pad])},
+            image_token_index=token_ids[self.image_token],
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            pad_token_id=token_ids[self.tiny_pad],
+        )
+
+    def tiny_image_processor(self) -> Any:
+        side = self.tiny.image_size
+        return image_processor(
+            "CLIP", size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        )
+
+    def tiny_processor(self, tokenizer: Any) -> Any:
+        return transformers.LlavaProcessor(
+            image_processor=self.tiny_image_processor(),
+            tokenizer=tokenizer,
+            patch_size=self.patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's class token
+            chat_template=self.tiny_chat_template,
+        )
+
+
+class LlavaNext(Llava):
+    """LLaVA-NeXT: the image is split into tiles on a grid of pinpoint resolutions, plus a global view."""
+
+    model_type = "llava_next"
+    model_class_name = "LlavaNextForConditionalGeneration"
+    processor_class_name = "LlavaNextProcessor"
+
+    def grid_pinpoints(self) -> list[list[int]]:
+        side = self.tiny.image_size
+        return [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+
+    def tiny_config(self, token_ids: dict[str, int], vocab_size: int) -> transformers.PretrainedConfig:
+        return transformers.LlavaNextConfig(
+            vision_config=self.tiny_vision_config(),
+            text_config={"model_type": "llama", **self.tiny_text_config(vocab_size, token_ids[self.tiny_pad])},
+            image_token_index=token_ids[self.image_token],
+            image_grid_pinpoints=self.grid_pinpoints(),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            pad_token_id=token_ids[self.tiny_pad],
+        )
+
+    def tiny_processor(self, tokenizer: Any) -> Any:
+        side = self.tiny.image_size
+        return transformers.LlavaNextProcessor(
+            image_processor=image_processor(
+                "LlavaNext",
+                size={"shortest_edge": side},
+                crop_size={"height": side, "width": side},
+                image_grid_pinpoints=self.grid_pinpoints(),
+            ),
+            tokenizer=tokenizer,
+            patch_size=self.patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=self.tiny_chat_template,
+        )

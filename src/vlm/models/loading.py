@@ -1,0 +1,156 @@
+"""Loading a checkpoint (a local directory or a Hub name) the way real checkpoints load: ``from_pretrained``.
+
+The quantization plan is resolved to exact module names against the model's real module tree
+(built on the meta device, no weights) before loading, handed to bitsandbytes as the skip list,
+and verified afterwards: the ``Linear4bit`` layers must be exactly the planned ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from vlm.quant.config import QuantConfig
+from vlm.quant.policies import QuantPlan, plan
+
+from .families import ModelFamily
+
+
+class QuantizationMismatch(RuntimeError):
+    """The loaded model's quantized layers are not the planned ones."""
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    checkpoint: str
+    plan: QuantPlan
+    quantized_linear_layers: int
+    kept_linear_layers: int
+
+    def summary(self) -> str:
+        return (
+            f"loaded {self.checkpoint}: {self.quantized_linear_layers} linear layers quantized, "
+            f"{self.kept_linear_layers} kept in 16-bit"
+        )
+
+
+def load_config(checkpoint: str, family: ModelFamily) -> transformers.PretrainedConfig:
+    """The checkpoint's config; raises ``ValueError`` if it belongs to another family."""
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    if config.model_type != family.model_type:
+        raise ValueError(
+            f"model.family={family.model_type!r} but the checkpoint {checkpoint!r} is a {config.model_type!r} model"
+        )
+    return config
+
+
+def linear_layer_names(family: ModelFamily, config: transformers.PretrainedConfig) -> list[str]:
+    """Full names of every ``nn.Linear`` of the model, from a weightless (meta device) instance."""
+    with torch.device("meta"):
+        skeleton = family.model_class(config)
+    return [name for name, module in skeleton.named_modules() if isinstance(module, nn.Linear)]
+
+
+def bitsandbytes_config(quant: QuantConfig, keep: tuple[str, ...]) -> transformers.BitsAndBytesConfig | None:
+    if not quant.quantizes:
+        return None
+    # Full module names: transformers releases match skip entries differently (prefix, regex or
+    # suffix), and an exact full name means the same thing to all of them.
+    skip = list(keep)
+    if quant.method == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.method,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=quant.torch_compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def quantized_layer_names(model: nn.Module) -> list[str]:
+    """Names of the bitsandbytes-quantized linear layers (4-bit or 8-bit) of a loaded model."""
+    import bitsandbytes as bnb
+
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return [name for name, module in model.named_modules() if isinstance(module, kinds)]
+
+
+def load_model(
+    checkpoint: str,
+    family: ModelFamily,
+    quant: QuantConfig,
+    *,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = "sdpa",
+) -> tuple[nn.Module, LoadReport]:
+    """Load ``checkpoint`` with ``quant``'s policy onto ``device``; frozen weights in the compute dtype.
+
+    Raises ``QuantizationMismatch`` when the quantized layers differ from the plan.
+    """
+    config = load_config(checkpoint, family)
+    quant_plan = plan(linear_layer_names(family, config), family, quant.policy, quant.skip_modules)
+    if not quant.quantizes:
+        quant_plan = QuantPlan(quantized=(), kept=quant_plan.quantized + quant_plan.kept)
+    kwargs: dict[str, Any] = {
+        "dtype": quant.torch_compute_dtype,
+        "device_map": {"": str(device)},
+        "quantization_config": bitsandbytes_config(quant, quant_plan.kept),
+    }
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = family.model_class.from_pretrained(checkpoint, **kwargs)
+    verify_quantized(model, quant_plan)
+    report = LoadReport(
+        checkpoint=str(checkpoint),
+        plan=quant_plan,
+        quantized_linear_layers=len(quant_plan.quantized),
+        kept_linear_layers=len(quant_plan.kept),
+    )
+    return model, report
+
+
+def verify_quantized(model: nn.Module, quant_plan: QuantPlan) -> None:
+    """Raise ``QuantizationMismatch`` unless the quantized layers are exactly ``quant_plan.quantized``."""
+    found = set(quantized_layer_names(model))
+    planned = set(quant_plan.quantized)
+    if found != planned:
+        missing = sorted(planned - found)[:5]
+        extra = sorted(found - planned)[:5]
+        raise QuantizationMismatch(
+            f"quantized layers differ from the plan: {len(planned - found)} planned but not quantized "
+            f"(e.g. {missing}), {len(found - planned)} quantized but not planned (e.g. {extra})"
+        )
+
+
+def load_processor(checkpoint: str, family: ModelFamily) -> Any:
+    """The checkpoint's processor (tokenizer, image processor and chat template) via ``from_pretrained``."""
+    if not family.video_optional:
+        return transformers.AutoProcessor.from_pretrained(checkpoint)
+    from .families.base import image_only
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    return image_only(family.processor_class)(
+        image_processor=transformers.AutoImageProcessor.from_pretrained(checkpoint),
+        tokenizer=tokenizer,
+        chat_template=_processor_chat_template(checkpoint) or tokenizer.chat_template,
+    )
+
+
+def _processor_chat_template(checkpoint: str) -> str | None:
+    """The processor's own chat template file, which can differ from the tokenizer's."""
+    import json
+
+    from transformers.utils import cached_file
+
+    for filename in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(checkpoint, filename, _raise_exceptions_for_missing_entries=False)
+        if path:
+            text = open(path, encoding="utf-8").read()
+            return json.loads(text)["chat_template"] if filename.endswith(".json") else text
+    return None

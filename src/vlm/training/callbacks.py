@@ -1,0 +1,505 @@
+"""Training callbacks: throughput/memory monitoring and the end-of-run summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import numbers
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+
+__all__ = [
+    "ThroughputMonitor",
+    "RunSummary",
+    "count_parameters",
+    "count_quantized_linear_layers",
+    "peak_memory_bytes",
+    "json_safe",
+]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- helpers
+def peak_memory_bytes(device: torch.device | str | None = None) -> int | None:
+    """Peak memory of this process: ``torch.cuda.max_memory_allocated`` on a CUDA device,
+    else the peak resident set size (``getrusage``), in bytes. ``None`` where unknown."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) if sys.platform == "darwin" else int(rss) * 1024  # Linux reports KiB
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    """Number of weights ``p`` stands for (a packed 4-bit ``Params4bit`` counts its original shape)."""
+    quant_state = getattr(p, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    if shape is not None:
+        return int(math.prod(shape))
+    return int(p.numel())
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts; 4-bit weights count as their unpacked size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = _logical_numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def count_quantized_linear_layers(model: torch.nn.Module) -> int:
+    """Number of ``bitsandbytes.nn.Linear4bit`` modules in ``model``."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        return 0
+    return sum(1 for m in model.modules() if isinstance(m, Linear4bit))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as strict-JSON-ready python: NaN/inf -> None, tensors -> numbers, paths -> str."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+        return json_safe(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return json_safe(dataclasses.asdict(value))
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        try:
+            return json_safe(value.item())
+        except Exception:  # noqa: BLE001
+            pass
+    return str(value)
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(json_safe(payload), indent=2, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _to_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        out = float(value.item() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _is_fitting(trainer: lightning.Trainer) -> bool:
+    fn = getattr(trainer.state, "fn", None)
+    return getattr(fn, "value", fn) == "fit"
+
+
+def _logger_step(trainer: lightning.Trainer) -> int:
+    # The step Lightning itself logs training metrics at (so rows line up with train/loss).
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
+
+
+# --------------------------------------------------------------------------- throughput
+class ThroughputMonitor(lightning.Callback):
+    """Logs training throughput and peak memory, and keeps totals for :class:`RunSummary`.
+
+    Every ``log_every_n_steps`` training batches (default: the Trainer's ``log_every_n_steps``;
+    set it to 1 for per-step values) it writes to ``trainer.loggers``:
+
+    * ``perf/tokens_per_s``: non-padding tokens (``attention_mask.sum()``) per second,
+    * ``perf/samples_per_s``, ``perf/step_time_s`` (mean over the window),
+    * ``perf/peak_memory_bytes``: ``torch.cuda.max_memory_allocated`` on CUDA, else peak RSS,
+    * ``perf/tokens_total``.
+
+    Time counts from the start of training, including data loading, excluding validation
+    runs inside ``fit``. On CUDA the token counts stay on the device and are read with one
+    ``.item()`` per logged window, which also waits for the window's GPU work, so the timing is
+    honest without other syncs. Numbers are per process (multiply by the world size for DDP).
+    """
+
+    def __init__(self, log_every_n_steps: int | None = None, prefix: str = "perf/") -> None:
+        if log_every_n_steps is not None and int(log_every_n_steps) < 1:
+            raise ValueError(f"log_every_n_steps must be >= 1 or None, got {log_every_n_steps!r}")
+        self.log_every_n_steps = None if log_every_n_steps is None else int(log_every_n_steps)
+        self.prefix = prefix
+        self._reset_totals()
+
+    # ---- bookkeeping
+    def _reset_totals(self) -> None:
+        self.total_tokens = 0
+        self.total_samples = 0
+        self.total_steps = 0  # training batches seen
+        self.train_time_s = 0.0
+        self.last_metrics: dict[str, float] = {}
+        self._device = torch.device("cpu")
+        self._reset_window()
+        self._t_mark: float | None = None  # start of the not-yet-accounted training time
+
+    def _reset_window(self) -> None:
+        self._win_tokens = 0
+        self._win_tokens_dev: torch.Tensor | None = None
+        self._win_samples = 0
+        self._win_steps = 0
+        self._win_time = 0.0  # time already accounted for this window (before a validation pause)
+
+    def _interval(self, trainer: lightning.Trainer) -> int:
+        if self.log_every_n_steps is not None:
+            return self.log_every_n_steps
+        return max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
+
+    @staticmethod
+    def _count(batch: Any) -> tuple[int | torch.Tensor, int]:
+        """``(tokens, samples)``; tokens stay a device tensor when the mask is not on the CPU."""
+        if not isinstance(batch, Mapping):
+            return 0, 0
+        mask = batch.get("attention_mask")
+        ids = batch.get("input_ids")
+        samples = 0
+        for t in (ids, mask, batch.get("labels")):
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                samples = int(t.shape[0])
+                break
+        if isinstance(mask, torch.Tensor):
+            tokens = mask.sum(dtype=torch.int64) if mask.dtype != torch.bool else mask.sum()
+            return (int(tokens) if tokens.device.type == "cpu" else tokens), samples
+        if isinstance(ids, torch.Tensor):
+            return int(ids.numel()), samples
+        return 0, samples
+
+    def _flush(self, trainer: lightning.Trainer, log_metrics: bool = True) -> None:
+        if self._win_steps == 0:
+            return
+        tokens = self._win_tokens
+        if self._win_tokens_dev is not None:
+            tokens += int(self._win_tokens_dev.item())  # the one host sync of the window
+        elif self._device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.synchronize(self._device)
+        now = time.perf_counter()
+        elapsed = self._win_time + (now - self._t_mark if self._t_mark is not None else 0.0)
+        if self._t_mark is not None:
+            self._t_mark = now
+        self.total_tokens += tokens
+        self.total_samples += self._win_samples
+        self.total_steps += self._win_steps
+        self.train_time_s += elapsed
+        safe = max(elapsed, 1e-12)
+        metrics = {
+            f"{self.prefix}tokens_per_s": tokens / safe,
+            f"{self.prefix}samples_per_s": self._win_samples / safe,
+            f"{self.prefix}step_time_s": elapsed / self._win_steps,
+            f"{self.prefix}tokens_total": float(self.total_tokens),
+        }
+        peak = peak_memory_bytes(self._device)
+        if peak is not None:
+            metrics[f"{self.prefix}peak_memory_bytes"] = float(peak)
+        self.last_metrics = metrics
+        self._reset_window()
+        if log_metrics and trainer.loggers:
+            step = _logger_step(trainer)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    def summary(self, trainer: lightning.Trainer | None = None) -> dict[str, Any]:
+        """Totals of the training so far (flushes a pending window first)."""
+        if trainer is not None:
+            self._flush(trainer, log_metrics=False)
+        t = self.train_time_s
+        return {
+            "tokens_per_s": self.total_tokens / t if t > 0 else None,
+            "samples_per_s": self.total_samples / t if t > 0 else None,
+            "mean_step_time_s": t / self.total_steps if self.total_steps else None,
+            "train_time_s": t,
+            "total_tokens": self.total_tokens,
+            "total_samples": self.total_samples,
+            "train_batches": self.total_steps,
+            "peak_memory_bytes": peak_memory_bytes(self._device),
+        }
+
+    # ---- hooks
+    def on_fit_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        self._reset_totals()
+        self._device = pl_module.device
+        if self._device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats(self._device)
+
+    def on_train_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        self._device = pl_module.device
+        self._t_mark = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if self._t_mark is None:
+            self._t_mark = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        # Counted after the step: on CUDA the sum is queued behind the step's kernels, so
+        # reading it at flush time also waits for them.
+        tokens, samples = self._count(batch)
+        if isinstance(tokens, torch.Tensor):
+            self._win_tokens_dev = tokens if self._win_tokens_dev is None else self._win_tokens_dev + tokens
+        else:
+            self._win_tokens += tokens
+        self._win_samples += samples
+        self._win_steps += 1
+        if self._win_steps >= self._interval(trainer):
+            self._flush(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if _is_fitting(trainer) and not trainer.sanity_checking and self._t_mark is not None:
+            self._win_time += time.perf_counter() - self._t_mark
+            self._t_mark = None  # paused
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if _is_fitting(trainer) and not trainer.sanity_checking and self._t_mark is None and self.total_steps + self._win_steps > 0:
+            self._t_mark = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self._flush(trainer)
+        self._t_mark = None
+
+
+# --------------------------------------------------------------------------- run summary
+class RunSummary(lightning.Callback):
+    """Saves the adapter and writes ``metrics.json`` when training ends (rank zero).
+
+    ``output_dir/adapter_dirname`` gets ``model.save_pretrained(..., safe_serialization=True)``
+    of the LightningModule's ``model`` (the PEFT model). ``output_dir/metrics.json`` gets the
+    losses, throughput (from a :class:`ThroughputMonitor` in the same Trainer, if any), timing,
+    parameter counts and ``extra``, with ``"status": "completed"``; on an exception it gets
+    ``"status": "failed"`` and ``"error"`` instead (the adapter is then not saved).
+
+    ``initial_val_loss`` is the first validation result seen (run ``trainer.validate(module,
+    datamodule=...)`` on the same Trainer before ``fit`` to get the untrained baseline; the
+    sanity check does not count), ``final_val_loss`` the latest. A validation run *after*
+    ``fit`` (same Trainer) rewrites ``metrics.json`` with the new ``final_val_loss``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        adapter_dirname: str = "adapter",
+        extra: dict[str, Any] | None = None,
+        filename: str = "metrics.json",
+        val_metric: str = "val/loss",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.adapter_dirname = adapter_dirname
+        self.extra = dict(extra or {})
+        self.filename = filename
+        self.val_metric = val_metric
+        self._t0: float | None = None
+        self._train_t0: float | None = None
+        self._train_time_fallback: float | None = None
+        self._first_loss: torch.Tensor | float | None = None
+        self._last_loss: torch.Tensor | float | None = None
+        self._val_history: list[dict[str, Any]] = []
+        self._status: str | None = None
+        self._adapter_dir: Path | None = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / self.filename
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.output_dir / self.adapter_dirname
+
+    # ---- checkpointed state (so a resumed run keeps its first losses)
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "first_train_loss": _to_float(self._first_loss),
+            "val_history": json_safe(self._val_history),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("first_train_loss") is not None:
+            self._first_loss = float(state_dict["first_train_loss"])
+        history = state_dict.get("val_history")
+        if history:
+            self._val_history = [dict(h) for h in history]
+
+    # ---- hooks
+    def setup(self, trainer, pl_module, stage: str) -> None:  # noqa: ANN001
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self._train_t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()  # kept on the device: read once, at the end
+            if self._first_loss is None:
+                self._first_loss = loss
+            self._last_loss = loss
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.val_metric)
+        if value is None:
+            return
+        fn = getattr(trainer.state, "fn", None)
+        self._val_history.append(
+            {"value": _to_float(value), "step": int(trainer.global_step), "stage": str(getattr(fn, "value", fn))}
+        )
+        if self._status == "completed" and not _is_fitting(trainer) and trainer.is_global_zero:
+            self._write(trainer, pl_module, status="completed")  # post-fit validation: new final loss
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if self._train_t0 is not None:
+            self._train_time_fallback = time.perf_counter() - self._train_t0
+        if trainer.is_global_zero:
+            model = getattr(pl_module, "model", pl_module)
+            if hasattr(model, "save_pretrained"):
+                model.save_pretrained(str(self.adapter_dir), safe_serialization=True)
+                self._adapter_dir = self.adapter_dir
+            else:
+                log.warning("RunSummary: %s has no save_pretrained; adapter not saved", type(model).__name__)
+            self._write(trainer, pl_module, status="completed")
+        self._status = "completed"
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:  # noqa: ANN001
+        self._status = "failed"
+        if not trainer.is_global_zero:
+            return
+        try:
+            self._write(trainer, pl_module, status="failed", error=exception)
+        except Exception:  # noqa: BLE001 - never mask the original exception
+            log.exception("RunSummary: could not write %s after a failure", self.metrics_path)
+
+    # ---- summary
+    def _monitor(self, trainer: lightning.Trainer) -> ThroughputMonitor | None:
+        for cb in trainer.callbacks:
+            if isinstance(cb, ThroughputMonitor):
+                return cb
+        return None
+
+    def collect(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> dict[str, Any]:
+        """The metrics dict (without ``status``); every entry is computed defensively."""
+        vals = [h.get("value") for h in self._val_history]
+        initial = vals[0] if vals else None
+        final = vals[-1] if vals else None
+        reduction = 1.0 - final / initial if initial not in (None, 0.0) and final is not None else None
+        metrics: dict[str, Any] = {
+            "first_train_loss": _to_float(self._first_loss),
+            "last_train_loss": _to_float(self._last_loss),
+            "initial_val_loss": initial,
+            "final_val_loss": final,
+            "val_loss_reduction": reduction,
+            "val_loss_history": self._val_history,
+        }
+        monitor = self._monitor(trainer)
+        perf: dict[str, Any] = {}
+        if monitor is not None:
+            try:
+                perf = monitor.summary(trainer)
+            except Exception:  # noqa: BLE001
+                log.exception("RunSummary: throughput summary failed")
+        metrics.update(
+            {
+                "tokens_per_s": perf.get("tokens_per_s"),
+                "samples_per_s": perf.get("samples_per_s"),
+                "mean_step_time_s": perf.get("mean_step_time_s"),
+                "total_tokens": perf.get("total_tokens"),
+                "total_samples": perf.get("total_samples"),
+            }
+        )
+        try:
+            peak = perf.get("peak_memory_bytes") or peak_memory_bytes(pl_module.device)
+        except Exception:  # noqa: BLE001
+            peak = None
+        train_time = perf.get("train_time_s") if monitor is not None else self._train_time_fallback
+        metrics.update(
+            {
+                "peak_memory_bytes": peak,
+                "wall_time_s": time.perf_counter() - self._t0 if self._t0 is not None else None,
+                "train_time_s": train_time,
+                "steps": int(trainer.global_step),
+                "epochs": int(trainer.current_epoch),
+                "world_size": int(trainer.world_size),
+            }
+        )
+        try:
+            model = getattr(pl_module, "model", pl_module)
+            trainable, total = count_parameters(model)
+            metrics.update(
+                {
+                    "trainable_params": trainable,
+                    "total_params": total,
+                    "trainable_fraction": trainable / total if total else None,
+                    "quantized_linear_layers": count_quantized_linear_layers(model),
+                }
+            )
+        except Exception:  # noqa: BLE001
+            log.exception("RunSummary: parameter counting failed")
+        try:
+            if trainer.optimizers:
+                metrics["final_lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+        except Exception:  # noqa: BLE001
+            pass
+        metrics["adapter_dir"] = str(self._adapter_dir) if self._adapter_dir is not None else None
+        metrics.update(self.extra)
+        return metrics
+
+    def _write(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        status: str,
+        error: BaseException | None = None,
+    ) -> Path:
+        payload: dict[str, Any] = {"status": status}
+        if error is not None:
+            payload["error"] = f"{type(error).__name__}: {error}"
+        payload.update(self.collect(trainer, pl_module))
+        payload["status"] = status  # `extra` must not override these
+        if error is not None:
+            payload["error"] = f"{type(error).__name__}: {error}"
+        _write_json_atomic(self.metrics_path, payload)
+        return self.metrics_path

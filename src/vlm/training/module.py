@@ -1,0 +1,277 @@
+"""The LightningModule that fine-tunes an already built (quantized + PEFT-wrapped) model."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import lightning
+import torch
+from torch.nn import Parameter
+from torch.optim import Optimizer
+
+from vlm.training.optim import LRScheduleConfig, cosine_with_warmup
+
+__all__ = ["VisionLanguageFineTuner", "IGNORE_INDEX", "supervised_token_count"]
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+OptimizerFactory = Callable[[Iterable[Parameter]], Optimizer]
+
+
+def supervised_token_count(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens a causal-LM loss averages over: ``labels != -100`` after the one-token shift."""
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
+
+
+# --------------------------------------------------------------------------- hparams helpers
+def _plain(value: Any) -> Any:
+    """Turn ``value`` into YAML/JSON/``torch.load(weights_only=True)``-safe primitives."""
+    try:  # OmegaConf containers (from Hydra) -> python containers
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if callable(value):
+        return _qualname(value)
+    return repr(value)
+
+
+def _qualname(obj: Any) -> str:
+    module = getattr(obj, "__module__", None) or ""
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__qualname__
+    return f"{module}.{name}" if module else name
+
+
+def _describe_optimizer(factory: Any) -> Any:
+    """A Hydra-style description (``_target_`` + ``_partial_`` + kwargs) of an optimizer factory."""
+    if isinstance(factory, functools.partial):
+        desc: dict[str, Any] = {"_target_": _qualname(factory.func), "_partial_": True}
+        if factory.args:
+            desc["_args_"] = _plain(list(factory.args))
+        desc.update({k: _plain(v) for k, v in (factory.keywords or {}).items()})
+        return desc
+    if isinstance(factory, Mapping):
+        return _plain(factory)
+    return {"_target_": _qualname(factory), "_partial_": True}
+
+
+def _locate(path: str) -> Any:
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"cannot locate {path!r}")
+
+
+def _optimizer_from_description(desc: Mapping[str, Any]) -> OptimizerFactory:
+    """Rebuild a factory from :func:`_describe_optimizer` output (e.g. in ``load_from_checkpoint``)."""
+    desc = _plain(desc)
+    if "_target_" not in desc:
+        raise TypeError(f"optimizer mapping needs a '_target_' key, got keys {sorted(desc)}")
+    func = _locate(desc["_target_"])
+    args = desc.get("_args_", [])
+    kwargs = {k: v for k, v in desc.items() if not k.startswith("_")}
+    return functools.partial(func, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------- module
+class VisionLanguageFineTuner(lightning.LightningModule):
+    """Trains the trainable (LoRA) parameters of an already built model.
+
+    Args:
+        model: a built Hugging Face model (quantized, PEFT-wrapped, gradient checkpointing set
+            up); called as ``model(**batch)`` and must return an output with ``.loss``.
+        optimizer: a factory ``params -> Optimizer`` (``functools.partial``, Hydra ``_partial_``),
+            e.g. ``functools.partial(vlm.training.optim.adamw, lr=2e-4)``. A Hydra-style mapping
+            with ``_target_`` is also accepted (what ``hparams`` stores).
+        scheduler: an :class:`LRScheduleConfig` (or a mapping of its fields) for a per-step
+            cosine schedule with warmup; ``total_steps=None`` means
+            ``trainer.estimated_stepping_batches``. ``None``: constant lr.
+
+    The module never casts the model; use ``precision="32-true"`` or ``"bf16-mixed"`` in the
+    Trainer (``"bf16-true"``/``"16-true"`` would convert the frozen weights). Lightning
+    checkpoints hold only the parameters with ``requires_grad`` (the LoRA weights); loading
+    restores those and leaves the base model as it was built.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: OptimizerFactory | Mapping[str, Any],
+        scheduler: LRScheduleConfig | Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(optimizer, Mapping):
+            optimizer = _optimizer_from_description(optimizer)
+        if not callable(optimizer):
+            raise TypeError(f"optimizer must be a callable params -> Optimizer, got {type(optimizer).__name__}")
+        self.model = model
+        self.optimizer_factory: OptimizerFactory = optimizer
+        self.scheduler_config: LRScheduleConfig | None = LRScheduleConfig.coerce(scheduler)
+        # Plain primitives only: loggers can write them and checkpoints load with weights_only=True.
+        self.save_hyperparameters(
+            {
+                "optimizer": _describe_optimizer(optimizer),
+                "scheduler": _plain(self.scheduler_config),
+            }
+        )
+        # Checkpoints hold only trainable weights, so loading them must not demand the rest.
+        self.strict_loading = False
+        self._val_loss_sum: torch.Tensor | None = None
+        self._val_token_count: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ forward / steps
+    def on_fit_start(self) -> None:
+        # `from_pretrained` returns the model in eval mode and Lightning (>= 2.2) keeps module
+        # modes as they are; Hugging Face gradient checkpointing and LoRA dropout only act in
+        # train mode. Validation loops switch to eval and back on their own.
+        self.model.train()
+
+    def forward(self, **batch: Any) -> Any:
+        return self.model(**batch)
+
+    @staticmethod
+    def _batch_size(batch: Mapping[str, Any]) -> int:
+        for key in ("input_ids", "labels", "attention_mask"):
+            value = batch.get(key)
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+        for value in batch.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+        return 1
+
+    def _loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        if "labels" not in batch:
+            raise KeyError("the batch has no 'labels': the collate function must provide them")
+        outputs = self.model(**batch)
+        loss = getattr(outputs, "loss", None)
+        if loss is None and isinstance(outputs, Mapping):
+            loss = outputs.get("loss")
+        if loss is None:
+            raise RuntimeError("the model returned no loss; does it accept `labels`?")
+        return loss
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        batch_size = self._batch_size(batch)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        if optimizers:
+            self.log(
+                "lr", float(optimizers[0].param_groups[0]["lr"]), on_step=True, on_epoch=False, batch_size=batch_size
+            )
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss_sum = None
+        self._val_token_count = None
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        loss = self._loss(batch).detach().float()
+        count = supervised_token_count(batch["labels"]).to(loss.device)
+        # A batch without supervised tokens has loss NaN (0/0): it contributes nothing.
+        weighted = torch.where(count > 0, loss * count, torch.zeros_like(loss))
+        if self._val_loss_sum is None:
+            dtype = torch.float32 if loss.device.type == "mps" else torch.float64
+            self._val_loss_sum = torch.zeros((), dtype=dtype, device=loss.device)
+            self._val_token_count = torch.zeros((), dtype=dtype, device=loss.device)
+        # Accumulated on the device: no host sync per batch.
+        self._val_loss_sum += weighted.to(self._val_loss_sum.dtype)
+        self._val_token_count += count.to(self._val_token_count.dtype)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_loss_sum is None:
+            return
+        total = self._val_loss_sum.clone()
+        count = self._val_token_count.clone()
+        if self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        val_loss = torch.where(count > 0, total / count.clamp_min(1.0), torch.full_like(total, float("nan")))
+        # float32 for loggers; already reduced over ranks, so no sync_dist.
+        self.log("val/loss", val_loss.float(), prog_bar=True, on_step=False, on_epoch=True, sync_dist=False)
+        self.log("val/tokens", count.float(), on_step=False, on_epoch=True, sync_dist=False)
+        self._val_loss_sum = None
+        self._val_token_count = None
+
+    # ------------------------------------------------------------------ optimizers
+    def trainable_parameters(self) -> list[Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("the model has no parameters with requires_grad=True; was PEFT applied?")
+        optimizer = self.optimizer_factory(params)
+        config = self.scheduler_config
+        if config is None:
+            return optimizer
+        if config.total_steps is None:
+            total = int(self.trainer.estimated_stepping_batches)
+            config = dataclasses.replace(config, total_steps=max(1, total))
+        scheduler = cosine_with_warmup(optimizer, config)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"},
+        }
+
+    # ------------------------------------------------------------------ checkpointing
+    def trainable_state_keys(self) -> list[str]:
+        """State-dict keys (of this LightningModule) of the parameters that train."""
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        keep = self.trainable_state_keys()
+        missing = [k for k in keep if k not in state]
+        if missing:
+            raise KeyError(f"trainable parameters missing from the state dict: {missing[:5]}")
+        # Only LoRA (trainable) weights: the 4-bit base comes from the pretrained model.
+        checkpoint["state_dict"] = {k: state[k] for k in keep}
+        checkpoint["vlm_trainable_only"] = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        expected = self.trainable_state_keys()
+        missing = [k for k in expected if k not in state]
+        if missing:
+            raise KeyError(
+                f"the checkpoint lacks {len(missing)} of the {len(expected)} trainable parameters "
+                f"(e.g. {missing[:3]}); was it written for a model with the same LoRA config?"
+            )
+        dropped = len(state) - len(expected)
+        if dropped:
+            log.info("ignoring %d non-trainable entries of the checkpoint's state_dict", dropped)
+        checkpoint["state_dict"] = {k: state[k] for k in expected}
