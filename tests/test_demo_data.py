@@ -124,7 +124,6 @@ def test_generation_is_deterministic_for_a_seed_and_differs_across_seeds_and_spl
         return [(s.key, s.messages, s.images[0].tobytes()) for s in demo_samples(20, image_size=32, **kw)]
 
     assert fingerprint(seed=4) == fingerprint(seed=4)
-    assert fingerprint(seed=4)[:5] == [f for f in fingerprint(seed=4)][:5]
     contents = lambda fp: [(m, px) for _, m, px in fp]  # noqa: E731
     assert contents(fingerprint(seed=4)) != contents(fingerprint(seed=5))
     assert contents(fingerprint(seed=4)) != contents(fingerprint(seed=4, split="val"))
@@ -146,8 +145,26 @@ def test_write_demo_shards_writes_train_and_val_shards_the_stream_reads_back(tmp
 
 
 def test_cli_demo_renders_both_splits_and_prints_the_patterns(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--train", "30", "--val", "10", "--image-size", "32",
-                 "--seed", "2", "--samples-per-shard", "10"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(tmp_path),
+                "--train",
+                "30",
+                "--val",
+                "10",
+                "--image-size",
+                "32",
+                "--seed",
+                "2",
+                "--samples-per-shard",
+                "10",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"train: {tmp_path}/train-{{000000..000002}}.tar" in out
     assert f"val:   {tmp_path}/val-000000.tar" in out

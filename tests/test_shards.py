@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 
@@ -211,8 +210,14 @@ GOOD_TURNS = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "o
         (raw("bad", GOOD_TURNS, {"png": b"\x89PNG but not really"}), REASON_UNREADABLE_IMAGE),
         (raw("bad", GOOD_TURNS, {"png": encode_image(solid((0, 0, 0)))[:40]}), REASON_UNREADABLE_IMAGE),
         (raw("bad", GOOD_TURNS, {}, listed=["png"]), REASON_MISSING_IMAGE),
-        (raw("bad", [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}],
-             {"png": encode_image(solid((0, 0, 0)))}), REASON_PLACEHOLDER_MISMATCH),
+        (
+            raw(
+                "bad",
+                [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}],
+                {"png": encode_image(solid((0, 0, 0)))},
+            ),
+            REASON_PLACEHOLDER_MISMATCH,
+        ),
         (raw("bad", [{"from": "human", "value": "hi"}], {}), REASON_BAD_CONVERSATION),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import pickle
 
 import pytest
 import torch.utils.data
@@ -81,6 +82,29 @@ def test_ranks_partition_the_shards_between_them(shards, monkeypatch):
     assert sorted(seen[0] + seen[1]) == ALL_KEYS
 
 
+def test_the_rank_is_pinned_when_the_pipeline_is_pickled_for_a_worker_process(shards, monkeypatch):
+    # A spawned DataLoader worker sees no RANK and no torch.distributed; the pickled pipeline
+    # must still read only its rank's shards.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    stream = sample_stream(shards, shuffle_buffer=0, seed=0, repeat=False)
+    rank1 = keys(stream)
+    payload = pickle.dumps(stream)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert keys(pickle.loads(payload)) == rank1
+    assert len(rank1) == len(ALL_KEYS) // 2
+    # Pickled outside distributed training, nothing is pinned: it reads everything.
+    assert keys(pickle.loads(pickle.dumps(sample_stream(shards, shuffle_buffer=0, seed=0, repeat=False)))) == ALL_KEYS
+
+
+def test_an_infinite_stream_feeds_two_dataloader_workers_evenly(shards):
+    stream = sample_stream(shards, shuffle_buffer=4, seed=1, repeat=True)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+    taken = keys(itertools.islice(loader, 2 * len(ALL_KEYS)))
+    assert sorted(taken) == sorted(ALL_KEYS * 2)
+
+
 def test_a_worker_left_without_shards_says_so_and_yields_nothing(shards, monkeypatch, caplog):
     one_shard = shards.replace("{000000..000005}", "000000")
     monkeypatch.setenv("WORKER", "1")  # webdataset's override of the DataLoader worker info
@@ -110,14 +134,20 @@ def test_bad_samples_are_skipped_counted_by_reason_and_logged_once_per_reason(tm
         tar.write({"__key__": "corrupt1", "json": meta(turns), "png": b"not an image"})
         tar.write({"__key__": "corrupt2", "json": meta(turns), "png": good[:30]})
         tar.write({"__key__": "badjson", "json": b"{oops", "png": good})
-        tar.write({"__key__": "mismatch", "json": meta([{"from": "human", "value": "<image><image>"}, turns[1]]), "png": good})
+        two_placeholders = meta([{"from": "human", "value": "<image><image>"}, turns[1]])
+        tar.write({"__key__": "mismatch", "json": two_placeholders, "png": good})
         tar.write({"__key__": "good2", "json": meta(turns), "png": good})
     missing_shard = str(tmp_path / "absent-000000.tar")
 
     counter = SkipCounter()
     with caplog.at_level(logging.WARNING):
-        stream = sample_stream([str(tmp_path / "mixed-000000.tar"), missing_shard], shuffle_buffer=0, seed=0,
-                               repeat=False, skip_counter=counter)
+        stream = sample_stream(
+            [str(tmp_path / "mixed-000000.tar"), missing_shard],
+            shuffle_buffer=0,
+            seed=0,
+            repeat=False,
+            skip_counter=counter,
+        )
         assert keys(stream) == ["good1", "good2"]
     assert counter.as_dict() == {"unreadable image": 2, "bad json": 1, "placeholder mismatch": 1, "unreadable shard": 1}
     assert counter.total == 5

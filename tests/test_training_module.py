@@ -26,6 +26,16 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 # --------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine
+    OpenMP threads spinning against other processes make it 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny_llama")
@@ -37,6 +47,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        initializer_range=0.1,  # the default 0.02 gives logits too flat to memorise a batch
     )
     LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -123,11 +134,11 @@ def test_training_memorises_and_only_lora_changes(make_qlora_model, tmp_path: Pa
     assert any(p.dtype == torch.bfloat16 for p in frozen_before.values()), "expected bf16 frozen weights"
     assert lora_before and all("lora_" in n for n in lora_before)
 
-    steps = 25
+    steps = 12
     module = VisionLanguageFineTuner(
         model,
-        optimizer=functools.partial(adamw, lr=3e-2),
-        scheduler=LRScheduleConfig(warmup_steps=2, total_steps=steps, min_lr_ratio=0.1),
+        optimizer=functools.partial(adamw, lr=1e-2),
+        scheduler=LRScheduleConfig(warmup_steps=1, total_steps=steps, min_lr_ratio=0.1),
     )
     trainer = make_trainer(tmp_path, max_steps=steps)
     assert not all(m.training for m in model.modules())  # from_pretrained leaves modules in eval mode ...
@@ -140,7 +151,7 @@ def test_training_memorises_and_only_lora_changes(make_qlora_model, tmp_path: Pa
     assert len(losses) == steps
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.5 * losses[0], losses
-    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(3e-2)
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-2) and lrs[-1] < lrs[1]
 
     for name, before in frozen_before.items():
         after = dict(model.named_parameters())[name]

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", type=Path, required=True, help="output directory")
     conv.add_argument("--prefix", default="train", help="shard name prefix (default train)")
     conv.add_argument("--samples-per-shard", type=_positive_int, default=1000, help="shard size (default 1000)")
-    conv.add_argument("--image-format", choices=("png", "jpg", "webp"), default="png", help="image encoding in the shards")
+    conv.add_argument(
+        "--image-format", choices=("png", "jpg", "webp"), default="png", help="image encoding in shards (default png)"
+    )
     conv.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -68,10 +70,14 @@ def run_demo(args: argparse.Namespace) -> int:
         args.out, args.train, args.val, args.image_size, args.seed, samples_per_shard=args.samples_per_shard
     )
     # Plain print: the patterns must not be wrapped, so they can be copied as they are.
-    print(f"Rendered {args.train} train and {args.val} val demo samples ({args.image_size}px) into {args.out.absolute()}")
-    print("Shard patterns to pass as data urls:")
+    print(
+        f"Rendered {args.train} train and {args.val} val demo samples ({args.image_size}px) into {args.out.absolute()}"
+    )
+    print("Shard patterns:")
     print(f"  train: {patterns['train']}")
     print(f"  val:   {patterns['val']}")
+    print("Train on them with:")
+    print(f"  vlm-train data.urls='{patterns['train']}' data.val_urls='{patterns['val']}'")
     return 0
 
 
@@ -86,7 +92,7 @@ def _print_summary(report: ConversionReport, console: Console) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    console = Console()
+    console, errors = Console(), Console(stderr=True)
     try:
         report = convert(
             args.input,
@@ -98,13 +104,13 @@ def run_convert(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except InputFileError as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        errors.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         return 2
     _print_summary(report, console)
     if report.written == 0:
-        console.print("[red]error:[/red] no record could be converted; nothing was written", soft_wrap=True)
+        errors.print("[red]error:[/red] no record could be converted; nothing was written", soft_wrap=True)
         return 1
-    print(f"Shard pattern to pass as data urls: {report.pattern}")
+    print(f"Shard pattern (for data.urls or data.val_urls): {report.pattern}")
     return 0
 
 

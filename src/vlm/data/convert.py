@@ -14,7 +14,6 @@ counted by reason; only an unreadable input file stops the conversion.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Iterator
@@ -120,7 +119,7 @@ class KeyAssigner:
             check_key(key)
         except ValueError:
             key = f"record{index:09d}"
-        if key in self._seen:
+        while key in self._seen:
             key = f"{key}-{index}"  # ids repeat in some data sets; the position makes them unique
         self._seen.add(key)
         return key
@@ -142,7 +141,7 @@ def load_image(path: Path, where: str) -> Image.Image:
     if not path.is_file():
         raise RecordError(f"{where}: image file {path} does not exist", REASON_MISSING_IMAGE_FILE)
     try:
-        with Image.open(io.BytesIO(path.read_bytes())) as image:
+        with Image.open(path) as image:
             image.load()
             return ImageOps.exif_transpose(image).convert("RGB")
     except Exception as exc:  # PIL raises many exception types for corrupt files

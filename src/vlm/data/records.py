@@ -123,9 +123,7 @@ def normalize_conversation(conversations: list[dict], key: str | None = None) ->
     messages: list[dict[str, str]] = []
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict):
-            raise RecordError(
-                f"{where}turn {i} must be an object, got {type(turn).__name__}", REASON_BAD_CONVERSATION
-            )
+            raise RecordError(f"{where}turn {i} must be an object, got {type(turn).__name__}", REASON_BAD_CONVERSATION)
         if "from" in turn or "value" in turn:
             role, content = turn.get("from"), turn.get("value")
         elif "role" in turn or "content" in turn:

@@ -302,7 +302,9 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
         names = [n.lower() for n in listed]  # webdataset lower-cases extensions when grouping
         missing = [n for n in names if n not in raw]
         if missing:
-            raise RecordError(f"{where}: images {missing} listed in {key}.json are not in the shard", REASON_MISSING_IMAGE)
+            raise RecordError(
+                f"{where}: images {missing} listed in {key}.json are not in the shard", REASON_MISSING_IMAGE
+            )
     else:
         raise RecordError(f"{where}: 'images' in {key}.json must be a list of extension names", REASON_BAD_JSON)
 

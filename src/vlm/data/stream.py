@@ -10,7 +10,7 @@ split is a partition: in one pass every shard, and so every sample, is read by e
 worker of one rank. Raw (still encoded) samples are shuffled, which keeps the buffer small,
 and decoding comes last, where a bad sample is skipped and counted instead of crashing the run.
 
-Splitting is webdataset's (``split_by_node`` then ``split_by_worker``): whole shards are dealt
+Splitting follows webdataset (``split_by_node`` then ``split_by_worker``): whole shards are dealt
 round-robin. With fewer shards than ``world_size * num_workers`` some workers get none; they
 log a warning and yield nothing (a DataLoader then simply reads the other workers, but under
 DDP a rank that gets no shards at all yields no batches, so write at least ``world_size *
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from typing import Any
 
 import webdataset as wds
@@ -56,25 +57,48 @@ class _ShuffleShards(PipelineStage):
 
 
 class _SplitShards(PipelineStage):
-    """Keeps this rank's and worker's share of the shards, warning when that share is empty."""
+    """Keeps this rank's and worker's share of the shards, warning when that share is empty.
+
+    Shards are dealt round-robin, first over ranks (as ``webdataset.split_by_node`` does) and then
+    over DataLoader workers (``webdataset.split_by_worker``). The rank is looked up in the rank's
+    own process and pinned when the pipeline is pickled for a worker process: a worker started by
+    spawn or forkserver sees neither an initialised ``torch.distributed`` nor (under Lightning's
+    launcher) a ``RANK`` variable, and would otherwise read every rank's shards.
+    """
 
     def __init__(self, by_node: bool, by_worker: bool):
         self.by_node, self.by_worker = by_node, by_worker
+        self.node: tuple[int, int] | None = None  # (rank, world_size), pinned by __getstate__
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        rank, world_size = pytorch_worker_info()[:2]
+        # Pin only a real distributed rank: a pipeline pickled before the process group exists
+        # (e.g. by ddp_spawn) must still look its rank up later, in the rank's process.
+        if state["node"] is None and world_size > 1:
+            state["node"] = (rank, world_size)
+        return state
 
     def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         shards = list(src)
+        rank, world_size, worker, num_workers = pytorch_worker_info()
+        if self.node is not None:
+            rank, world_size = self.node
         mine: Iterable[dict[str, Any]] = shards
-        if self.by_node:
-            mine = wds.split_by_node(mine)
+        if self.by_node and world_size > 1:
+            mine = islice(mine, rank, None, world_size)
         if self.by_worker:
             mine = wds.split_by_worker(mine)
         mine = list(mine)
         if shards and not mine:
-            rank, world_size, worker, num_workers = pytorch_worker_info()
             log.warning(
                 "rank %d/%d, worker %d/%d got none of the %d shard(s) and yields no samples; "
                 "write at least world_size * num_workers shards",
-                rank, world_size, worker, num_workers, len(shards),
+                rank,
+                world_size,
+                worker,
+                num_workers,
+                len(shards),
             )
         return iter(mine)
 
@@ -158,7 +182,8 @@ def sample_stream(
             ``max_steps``, where Lightning never sees an epoch end (so validate every N steps with
             an integer ``val_check_interval`` and ``check_val_every_n_epoch=None``). ``False`` reads
             one pass, for validation (use ``shuffle_buffer=0`` there).
-        split_by_node: give each distributed rank its share of the shards (``webdataset.split_by_node``).
+        split_by_node: give each distributed rank its share of the shards, as ``webdataset.split_by_node``
+            does (rank from ``RANK``/``WORLD_SIZE`` or the initialised ``torch.distributed``).
         split_by_worker: give each DataLoader worker its share of the rank's shards.
         skip_counter: where skipped samples are counted per reason; one is created if omitted.
             Each reason is logged once as a warning. Counts made in DataLoader worker processes

@@ -18,6 +18,7 @@ from vlm.quant.config import QuantConfig
 from vlm.quant.policies import QuantPlan, plan
 
 from .families import ModelFamily
+from .families.base import slow_image_processor_class
 
 
 class QuantizationMismatch(RuntimeError):
@@ -132,14 +133,21 @@ def load_processor(checkpoint: str, family: ModelFamily) -> Any:
     """The checkpoint's processor (tokenizer, image processor and chat template) via ``from_pretrained``."""
     if not family.video_optional:
         return transformers.AutoProcessor.from_pretrained(checkpoint)
-    from .families.base import image_only
-
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    return image_only(family.processor_class)(
-        image_processor=transformers.AutoImageProcessor.from_pretrained(checkpoint),
+    return family.image_only_processor_class(
+        image_processor=_slow_image_processor(checkpoint),
         tokenizer=tokenizer,
         chat_template=_processor_chat_template(checkpoint) or tokenizer.chat_template,
     )
+
+
+def _slow_image_processor(checkpoint: str) -> Any:
+    """The checkpoint's image processor, PIL-backed (AutoImageProcessor may insist on torchvision)."""
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    settings, _ = ImageProcessingMixin.get_image_processor_dict(checkpoint)
+    cls = slow_image_processor_class(settings["image_processor_type"])
+    return cls.from_pretrained(checkpoint)
 
 
 def _processor_chat_template(checkpoint: str) -> str | None:

@@ -52,5 +52,9 @@ def apply_lora(model: nn.Module, family: ModelFamily, settings: LoraSettings) ->
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in the backward pass (non-reentrant, so frozen inputs need no grad hook)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False

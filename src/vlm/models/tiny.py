@@ -49,6 +49,7 @@ def build_tiny_checkpoint(
         "transformers": transformers.__version__,
         "corpus_size": len(corpus),
         "corpus_hash": _stable_hash(corpus),
+        "builder": 3,  # bump when the build itself changes
     }
     stamp_path = out_dir / BUILD_STAMP
     if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
@@ -68,12 +69,17 @@ def build_tiny_checkpoint(
     token_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in family.tiny_special_tokens()}
     processor = family.tiny_processor(tokenizer)
     config = family.tiny_config(token_ids, vocab_size=_round_up(len(tokenizer), 64))
-    config.eos_token_id = token_ids[family.tiny_eos]
-    config.pad_token_id = token_ids[family.tiny_pad]
+    # The family's defaults point at the real vocabulary; point them at the tiny one.
+    for part in (config, getattr(config, "text_config", None)):
+        if part is not None:
+            part.bos_token_id = token_ids.get(family.tiny_bos) if family.tiny_bos else None
+            part.eos_token_id = token_ids[family.tiny_eos]
+            part.pad_token_id = token_ids[family.tiny_pad]
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = family.model_class(config)
+    family.finish_tiny_init(model)
     model = model.to(dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)

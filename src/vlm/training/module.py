@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import importlib
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -115,7 +116,10 @@ class VisionLanguageFineTuner(lightning.LightningModule):
             ``trainer.estimated_stepping_batches``. ``None``: constant lr.
 
     The module never casts the model; use ``precision="32-true"`` or ``"bf16-mixed"`` in the
-    Trainer (``"bf16-true"``/``"16-true"`` would convert the frozen weights). Lightning
+    Trainer (``"bf16-true"``/``"16-true"`` make Lightning cast every floating-point weight,
+    the fp32 LoRA weights included). It puts the model in train mode at fit start (Hugging
+    Face gradient checkpointing is inactive in eval mode, and ``from_pretrained`` returns
+    eval mode). Lightning
     checkpoints hold only the parameters with ``requires_grad`` (the LoRA weights); loading
     restores those and leaves the base model as it was built.
     """
@@ -235,8 +239,13 @@ class VisionLanguageFineTuner(lightning.LightningModule):
         if config is None:
             return optimizer
         if config.total_steps is None:
-            total = int(self.trainer.estimated_stepping_batches)
-            config = dataclasses.replace(config, total_steps=max(1, total))
+            estimated = float(self.trainer.estimated_stepping_batches)
+            if not math.isfinite(estimated):
+                raise ValueError(
+                    "LRScheduleConfig.total_steps is None but the trainer cannot estimate the number of "
+                    "steps (no max_steps and a dataloader without a length): set total_steps or max_steps"
+                )
+            config = dataclasses.replace(config, total_steps=max(1, int(estimated)))
         scheduler = cosine_with_warmup(optimizer, config)
         return {
             "optimizer": optimizer,

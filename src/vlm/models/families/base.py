@@ -97,6 +97,9 @@ class ModelFamily:
         """A processor for the tiny variant around a locally built tokenizer (slow PIL image processor)."""
         raise NotImplementedError
 
+    def finish_tiny_init(self, model: Any) -> None:
+        """Adjust a freshly initialised tiny model where random init differs from any trained checkpoint."""
+
     def tiny_text_config(self, vocab_size: int, pad_token_id: int, **overrides: Any) -> dict[str, Any]:
         size = self.tiny
         return {
@@ -109,6 +112,9 @@ class ModelFamily:
             "max_position_embeddings": 4096,
             "pad_token_id": pad_token_id,
             "tie_word_embeddings": False,
+            # Wider than the usual 0.02: at hidden size 64 the frozen random output head could
+            # otherwise not produce confident logits, and LoRA would have little to learn with.
+            "initializer_range": 0.15,
             **overrides,
         }
 
@@ -123,16 +129,16 @@ def image_processor(class_stem: str, **kwargs: Any) -> Any:
     Newer 5.x releases call it ``<Stem>ImageProcessorPil``; earlier ones ``<Stem>ImageProcessor``.
     The slow one is chosen because it needs no torchvision.
     """
-    cls = getattr(transformers, f"{class_stem}ImageProcessorPil", None) or getattr(transformers, f"{class_stem}ImageProcessor")
-    return cls(**kwargs)
+    return slow_image_processor_class(f"{class_stem}ImageProcessor")(**kwargs)
 
 
-def image_only(processor_class: type) -> type:
+def image_only(processor_class: type, module: str) -> type:
     """``processor_class`` without its video processor, under the same class name.
 
     Qwen's processors insist on a video processor, which needs torchvision; images alone need only
     the image processor and the tokenizer. The subclass keeps the name so that what it saves reads
-    as the original processor class.
+    as the original processor class; bind it to that name at the top of ``module`` so that it
+    pickles (DataLoader workers started with spawn receive the processor by pickling).
     """
 
     class ImageOnlyProcessor(processor_class):
@@ -141,4 +147,18 @@ def image_only(processor_class: type) -> type:
             return ["image_processor", "tokenizer"]
 
     ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_class.__name__
+    ImageOnlyProcessor.__module__ = module
     return ImageOnlyProcessor
+
+
+def slow_image_processor_class(image_processor_type: str) -> type:
+    """The PIL-backed class for an ``image_processor_type`` saved in a checkpoint.
+
+    Checkpoints name the fast class or the plain one; the slow class is ``<Stem>ImageProcessorPil``
+    in newer transformers 5.x and ``<Stem>ImageProcessor`` in earlier ones.
+    """
+    stem = image_processor_type.removesuffix("Fast").removesuffix("Pil")
+    cls = getattr(transformers, f"{stem}Pil", None) or getattr(transformers, stem, None)
+    if cls is None:
+        raise ValueError(f"transformers {transformers.__version__} has no image processor {image_processor_type!r}")
+    return cls

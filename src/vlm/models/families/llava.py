@@ -12,13 +12,13 @@ from .base import LLAMA_STYLE_LINEARS, ModelFamily, image_processor
 # processor expands to one token per patch. Assistant turns end with </s> so the model learns to stop.
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}\n"
+    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}{{ '\\n' }}"
     "{% else %}{{ message['role'].upper() }}: "
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}</s>{% endif %}\n"
+    "{% if message['role'] == 'assistant' %}</s>{% endif %}{{ '\\n' }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )

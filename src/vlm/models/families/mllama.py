@@ -62,6 +62,16 @@ class Mllama(ModelFamily):
             image_token_index=token_ids[self.image_token],
         )
 
+    def finish_tiny_init(self, model: Any) -> None:
+        # Fresh cross-attention gates are zero (tanh(0) = 0), which would cut the cross-attention
+        # layers out of the forward and backward pass; trained checkpoints have them open.
+        import torch
+
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                    parameter.fill_(1.0)
+
     def tiny_processor(self, tokenizer: Any) -> Any:
         side = self.tiny.image_size
         return transformers.MllamaProcessor(

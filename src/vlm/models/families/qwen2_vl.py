@@ -24,10 +24,19 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
+# Image-only processors under the original class names (see `image_only`).
+Qwen2VLProcessor = image_only(transformers.Qwen2VLProcessor, __name__)
+Qwen2_5_VLProcessor = image_only(transformers.Qwen2_5_VLProcessor, __name__)
+
+
 class Qwen2VL(ModelFamily):
     model_type = "qwen2_vl"
     # Qwen's video processor needs torchvision; training on images only needs the image processor.
     video_optional = True
+
+    @property
+    def image_only_processor_class(self) -> type:
+        return Qwen2VLProcessor
     model_class_name = "Qwen2VLForConditionalGeneration"
     processor_class_name = "Qwen2VLProcessor"
     image_token = "<|image_pad|>"
@@ -86,7 +95,7 @@ class Qwen2VL(ModelFamily):
     def tiny_processor(self, tokenizer: Any) -> Any:
         unit = self.patch_size * self.merge_size
         side = 2 * unit  # 56 px: a 4x4 patch grid, 4 image tokens after merging
-        return image_only(self.processor_class)(
+        return self.image_only_processor_class(
             image_processor=image_processor(
                 "Qwen2VL",
                 min_pixels=unit * unit,
@@ -106,6 +115,10 @@ class Qwen25VL(Qwen2VL):
     model_type = "qwen2_5_vl"
     model_class_name = "Qwen2_5_VLForConditionalGeneration"
     processor_class_name = "Qwen2_5_VLProcessor"
+
+    @property
+    def image_only_processor_class(self) -> type:
+        return Qwen2_5_VLProcessor
 
     def tiny_vision_config(self) -> dict[str, Any]:
         size = self.tiny
@@ -131,6 +144,6 @@ class Qwen25VL(Qwen2VL):
 
     def tiny_processor(self, tokenizer: Any) -> Any:
         processor = super().tiny_processor(tokenizer)
-        return image_only(self.processor_class)(
+        return self.image_only_processor_class(
             image_processor=processor.image_processor, tokenizer=tokenizer, chat_template=self.tiny_chat_template
         )
