@@ -134,20 +134,44 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 }
             )
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in loggers:
-        logger.log_hyperparams(resolved)
-
-    if cfg.get("validate_before_fit") and datamodule.val_urls is not None:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path == "last":
-        ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        for logger in loggers:
+            logger.log_hyperparams(resolved)
+        save_config_to_wandb(loggers, resolved)
+        if cfg.get("validate_before_fit") and datamodule.val_urls is not None:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path == "last":
+            ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        close_loggers(loggers)
 
     metrics_path = output_dir / "metrics.json"
     summary = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     log.info("done in %.1f s; metrics in %s", time.perf_counter() - started, metrics_path)
     return summary
+
+
+def save_config_to_wandb(loggers: list[Any], resolved: dict[str, Any]) -> None:
+    """Keep the resolved config as a file of the W&B run too; offline runs hold it then, and sync it."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            path = Path(run.dir) / "vlm_config.yaml"
+            path.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+            run.save(str(path), base_path=run.dir, policy="now")
+
+
+def close_loggers(loggers: list[Any]) -> None:
+    """Finish W&B runs, also after a failure, so the run directory is complete (config, history)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def announce_wandb(loggers: list[Any]) -> None:

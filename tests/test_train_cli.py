@@ -1,0 +1,122 @@
+"""`vlm-train` end to end on the CPU: config validation, the demo recipe, run outputs, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+
+from vlm.cli.train import ConfigError, train
+from vlm.configs import config_dir, register_resolvers
+
+EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+
+
+def compose_train(tmp_path: Path, *overrides: str):
+    """The real train config with run outputs, caches and data under ``tmp_path``, sized to seconds."""
+    register_resolvers()
+    small = [
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "demo_data.n_train=64",
+        "demo_data.n_val=16",
+        "data.batch_size=4",
+        "data.val_batch_size=8",
+        "data.num_workers=0",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+    ]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("train", overrides=[*small, *overrides])
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment, tmp_path):
+    cfg = compose_train(tmp_path, f"experiment={experiment}")
+    assert cfg.model.family and cfg.data.max_seq_length > 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora.r=0", r"lora\.r=0"),
+        ("model.family=gpt2", r"model\.family='gpt2'.*known: "),
+        ("quant.method=nf3", r"quant\.method='nf3'"),
+        ("data.max_seq_length=1", r"data\.max_seq_length=1 cannot hold one image"),
+    ],
+)
+def test_invalid_values_fail_before_any_weights_load_naming_the_key(override, message, tmp_path, monkeypatch):
+    import vlm.models.loading as loading
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded despite an invalid config")
+
+    monkeypatch.setattr(loading, "load_model", no_weights)
+    cfg = compose_train(tmp_path, override, "logger=csv")
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+
+
+def test_an_unknown_model_config_is_refused_with_the_available_ones(tmp_path):
+    with pytest.raises(MissingConfigException, match="model/llava_99b"):
+        compose_train(tmp_path, "model=llava_99b")
+
+
+def test_demo_run_writes_metrics_adapter_checkpoint_and_an_offline_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = compose_train(tmp_path, "logger.wandb.name=cli-test")
+    summary = train(cfg)
+    run = tmp_path / "run"
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics == summary and metrics["status"] == "completed"
+    for key in ("first_train_loss", "last_train_loss", "initial_val_loss", "final_val_loss", "tokens_per_s",
+                "peak_memory_bytes", "wall_time_s", "trainable_params", "quantized_linear_layers"):
+        assert metrics[key] is not None, key
+    assert metrics["steps"] == 4 and metrics["quantized_linear_layers"] == 24
+    assert metrics["peak_memory_bytes"] > 0 and metrics["tokens_per_s"] > 0
+
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 16
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["paths"]["output_dir"] == str(run) and "${" not in (run / "config.yaml").read_text()
+
+    # W&B ran offline and its run directory holds the resolved config and a history.
+    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert yaml.safe_load((offline_runs[0] / "files" / "vlm_config.yaml").read_text()) == resolved
+    (log,) = offline_runs[0].glob("run-*.wandb")
+    records = log.read_bytes()  # the run's log of protobuf records: config and history as JSON text
+    assert b'"family": "qwen2_vl"' in records or b'"family":"qwen2_vl"' in records
+    assert b"train/loss" in records and b"val/loss" in records
+
+
+@pytest.mark.slow
+def test_the_installed_command_trains_from_any_directory_and_says_wandb_is_offline(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update(VLM_CACHE_DIR=str(tmp_path / "cache"), NETRC=str(tmp_path / "no-netrc"))
+    command = [
+        sys.executable, "-m", "vlm.cli.train",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "demo_data.n_train=32", "demo_data.n_val=8", "data.num_workers=1",
+        "trainer.max_steps=2", "trainer.val_check_interval=1", "trainer.enable_progress_bar=false",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "W&B is offline" in done.stderr and "wandb sync" in done.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "completed"
+
+    bad = subprocess.run([*command, "lora.r=-4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert "invalid config: lora.r=-4 must be a positive integer" in bad.stderr
