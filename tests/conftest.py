@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlm.data.demo import DEMO_VOCABULARY
-from vlm.models.families import get_family
+from vlm.models.families import FAMILIES, get_family
 from vlm.models.tiny import build_tiny_checkpoint
 
 
@@ -39,3 +39,32 @@ def tiny_checkpoint(tmp_path_factory):
         return built[model_type]
 
     return build
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """The tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    threads spinning against other processes make them 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A saved tiny random-init Llama (text only), for the training tests."""
+    from tiny_llama import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_checkpoint):
+    """name → (family, processor, checkpoint dir) for every family, built once per session."""
+    from vlm.models.loading import load_processor
+
+    return {
+        name: (get_family(name), load_processor(tiny_checkpoint(name), get_family(name)), tiny_checkpoint(name))
+        for name in sorted(FAMILIES)
+    }

@@ -11,31 +11,10 @@ from PIL import Image
 from vlm.data.collate import collate
 from vlm.data.encoding import IGNORE_INDEX, ConversationEncoder, EncoderSettings
 from vlm.data.records import Sample
-from vlm.models.families import FAMILIES, get_family
-from vlm.models.loading import load_processor
-from vlm.models.tiny import build_tiny_checkpoint
+from vlm.models.families import FAMILIES
 
 FAMILY_NAMES = sorted(FAMILIES)
-CORPUS = [
-    "what colour is the circle ?",
-    "how many shapes are there ?",
-    "describe the picture in a few words please",
-    "the red circle is next to a green square and a blue triangle",
-    "red green blue yellow yes no nothing 0 1 2 3 4",
-]
 PAD = 7
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory):
-    """name → (family, processor, checkpoint dir), built once per session."""
-    root = tmp_path_factory.mktemp("collate_tiny")
-    result = {}
-    for name in FAMILY_NAMES:
-        family = get_family(name)
-        directory = build_tiny_checkpoint(family, root / name, CORPUS)
-        result[name] = (family, load_processor(str(directory), family), directory)
-    return result
 
 
 def token_sample(ids: list[int], supervised_from: int, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -162,8 +141,8 @@ def supervised_count(labels: torch.Tensor) -> int:
 
 # Mllama's batched forward differs from its single ones by design: it has its own test below.
 @pytest.mark.parametrize("name", [name for name in FAMILY_NAMES if name != "mllama"])
-def test_batch_loss_is_the_token_weighted_mean_of_sample_losses(tiny_checkpoints, name):
-    family, processor, directory = tiny_checkpoints[name]
+def test_batch_loss_is_the_token_weighted_mean_of_sample_losses(tiny_models, name):
+    family, processor, directory = tiny_models[name]
     encoder = ConversationEncoder(processor, family.image_token, EncoderSettings(4096))
     samples = mixed_samples()
     encoded = [encoder(sample) for sample in samples]
@@ -192,13 +171,13 @@ def test_batch_loss_is_the_token_weighted_mean_of_sample_losses(tiny_checkpoints
         assert float(model(**reordered).loss) == pytest.approx(batch_loss, rel=0, abs=1e-3)
 
 
-def test_mllama_batches_match_the_processors_own_batching(tiny_checkpoints):
+def test_mllama_batches_match_the_processors_own_batching(tiny_models):
     """Mllama's model treats a sample differently in a batch (its cross-attention runs over the
     batch's padded image slots), so per-sample losses are no reference; the processor's own
     batched output is, and collating per-sample encodings must give the same loss."""
     from vlm.data.encoding import structured_messages
 
-    family, processor, directory = tiny_checkpoints["mllama"]
+    family, processor, directory = tiny_models["mllama"]
     samples = [sample for sample in mixed_samples() if sample.images]
     encoder = ConversationEncoder(processor, family.image_token, EncoderSettings(4096))
     encoded = [encoder(sample) for sample in samples]
@@ -215,8 +194,8 @@ def test_mllama_batches_match_the_processors_own_batching(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_truncated_samples_run_through_the_model(tiny_checkpoints, name):
-    family, processor, directory = tiny_checkpoints[name]
+def test_truncated_samples_run_through_the_model(tiny_models, name):
+    family, processor, directory = tiny_models[name]
     sample = Sample(
         key="image-per-turn",
         images=[Image.new("RGB", (40, 30), (200, 0, 0)), Image.new("RGB", (32, 64), (0, 0, 200))],

@@ -17,40 +17,18 @@ from vlm.data.encoding import (
     structured_messages,
 )
 from vlm.data.records import Sample
-from vlm.models.families import FAMILIES, get_family
-from vlm.models.loading import load_processor
-from vlm.models.tiny import build_tiny_checkpoint
+from vlm.models.families import FAMILIES
 
 FAMILY_NAMES = sorted(FAMILIES)
-CORPUS = [
-    "what colour is the circle ?",
-    "how many shapes are there ?",
-    "describe the picture in a few words please",
-    "the red circle is next to a green square and a blue triangle",
-    "be brief and answer with one word",
-    "red green blue yellow yes no nothing 0 1 2 3 4",
-]
 LONG_ANSWER = "the red circle is next to a green square and a blue triangle " * 6
-
-
-@pytest.fixture(scope="session")
-def tiny_processors(tmp_path_factory):
-    """name → (family, processor, checkpoint dir), built once per session."""
-    root = tmp_path_factory.mktemp("encoding_tiny")
-    result = {}
-    for name in FAMILY_NAMES:
-        family = get_family(name)
-        directory = build_tiny_checkpoint(family, root / name, CORPUS)
-        result[name] = (family, load_processor(str(directory), family), directory)
-    return result
 
 
 def image(colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> Image.Image:
     return Image.new("RGB", size, colour)
 
 
-def encoder_for(tiny_processors, name: str, max_seq_length: int = 4096) -> tuple[ConversationEncoder, object]:
-    family, processor, _ = tiny_processors[name]
+def encoder_for(tiny_models, name: str, max_seq_length: int = 4096) -> tuple[ConversationEncoder, object]:
+    family, processor, _ = tiny_models[name]
     return ConversationEncoder(processor, family.image_token, EncoderSettings(max_seq_length)), family
 
 
@@ -160,8 +138,8 @@ def test_structured_messages_split_placeholders():
 
 # ---- label masking --------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_only_assistant_tokens_are_supervised(tiny_processors, name):
-    encoder, family = encoder_for(tiny_processors, name)
+def test_only_assistant_tokens_are_supervised(tiny_models, name):
+    encoder, family = encoder_for(tiny_models, name)
     processor = encoder.processor
     sample = Sample(
         key="one",
@@ -187,8 +165,8 @@ def test_only_assistant_tokens_are_supervised(tiny_processors, name):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_two_turns_and_two_images(tiny_processors, name):
-    encoder, family = encoder_for(tiny_processors, name)
+def test_two_turns_and_two_images(tiny_models, name):
+    encoder, family = encoder_for(tiny_models, name)
     eos = encoder.tokenizer.eos_token
     encoded = encoder(two_image_sample("red", "a green square"))
     assert decoded_answers(encoder.processor, encoded) == ["red" + eos, "a green square" + eos]
@@ -196,8 +174,8 @@ def test_two_turns_and_two_images(tiny_processors, name):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_several_images_in_one_turn(tiny_processors, name):
-    encoder, family = encoder_for(tiny_processors, name)
+def test_several_images_in_one_turn(tiny_models, name):
+    encoder, family = encoder_for(tiny_models, name)
     eos = encoder.tokenizer.eos_token
     sample = Sample(
         key="three",
@@ -215,8 +193,8 @@ def test_several_images_in_one_turn(tiny_processors, name):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_text_only_sample(tiny_processors, name):
-    encoder, family = encoder_for(tiny_processors, name)
+def test_text_only_sample(tiny_models, name):
+    encoder, family = encoder_for(tiny_models, name)
     sample = Sample(
         key="text",
         images=[],
@@ -233,8 +211,8 @@ def test_text_only_sample(tiny_processors, name):
 
 # ---- truncation -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_truncation_never_cuts_an_image(tiny_processors, name):
-    encoder, family = encoder_for(tiny_processors, name)
+def test_truncation_never_cuts_an_image(tiny_models, name):
+    encoder, family = encoder_for(tiny_models, name)
     eos = encoder.tokenizer.eos_token
     sample = two_image_sample()
     full = encoder(sample)
@@ -254,8 +232,8 @@ def test_truncation_never_cuts_an_image(tiny_processors, name):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_truncation_before_first_answer_is_a_skip(tiny_processors, name):
-    encoder, _ = encoder_for(tiny_processors, name)
+def test_truncation_before_first_answer_is_a_skip(tiny_models, name):
+    encoder, _ = encoder_for(tiny_models, name)
     sample = two_image_sample()
     full = encoder(sample)
     (start, end), _ = image_runs(full, encoder.image_token_id)
@@ -267,8 +245,8 @@ def test_truncation_before_first_answer_is_a_skip(tiny_processors, name):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_truncation_of_text_keeps_max_seq_length_tokens(tiny_processors, name):
-    encoder, family = encoder_for(tiny_processors, name)
+def test_truncation_of_text_keeps_max_seq_length_tokens(tiny_models, name):
+    encoder, family = encoder_for(tiny_models, name)
     sample = Sample(
         key="long",
         images=[image((200, 0, 0))],
@@ -290,8 +268,8 @@ def test_truncation_of_text_keeps_max_seq_length_tokens(tiny_processors, name):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_truncation_between_images_drops_the_later_image_and_cuts_text(tiny_processors, name):
-    encoder, family = encoder_for(tiny_processors, name)
+def test_truncation_between_images_drops_the_later_image_and_cuts_text(tiny_models, name):
+    encoder, family = encoder_for(tiny_models, name)
     sample = two_image_sample()
     full = encoder(sample)
     _, (second_start, _) = image_runs(full, encoder.image_token_id)
@@ -307,8 +285,8 @@ def test_truncation_between_images_drops_the_later_image_and_cuts_text(tiny_proc
 
 
 # ---- errors and measurements ----------------------------------------------------------------------
-def test_placeholder_count_mismatch_is_an_encoding_error(tiny_processors):
-    encoder, _ = encoder_for(tiny_processors, "llava")
+def test_placeholder_count_mismatch_is_an_encoding_error(tiny_models):
+    encoder, _ = encoder_for(tiny_models, "llava")
     sample = Sample(
         key="bad",
         images=[image((1, 2, 3))],
@@ -318,8 +296,8 @@ def test_placeholder_count_mismatch_is_an_encoding_error(tiny_processors):
         encoder(sample)
 
 
-def test_template_that_is_not_prefix_stable_is_rejected(tiny_processors):
-    _, processor, _ = tiny_processors["qwen2_vl"]
+def test_template_that_is_not_prefix_stable_is_rejected(tiny_models):
+    _, processor, _ = tiny_models["qwen2_vl"]
     processor = copy.deepcopy(processor)
     # Renders the final turn differently from the same turn inside a longer conversation.
     processor.chat_template = (
@@ -344,8 +322,8 @@ def test_template_that_is_not_prefix_stable_is_rejected(tiny_processors):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_min_image_tokens(tiny_processors, name):
-    encoder, _ = encoder_for(tiny_processors, name)
+def test_min_image_tokens(tiny_models, name):
+    encoder, _ = encoder_for(tiny_models, name)
     expected = {"llava": 16, "mllama": 1, "qwen2_vl": 1, "qwen2_5_vl": 1}
     minimum = encoder.min_image_tokens()
     if name in expected:
@@ -357,7 +335,7 @@ def test_min_image_tokens(tiny_processors, name):
         assert all(end - start >= minimum for start, end in runs)
 
 
-def test_unknown_image_token_is_rejected(tiny_processors):
-    _, processor, _ = tiny_processors["llava"]
+def test_unknown_image_token_is_rejected(tiny_models):
+    _, processor, _ = tiny_models["llava"]
     with pytest.raises(ValueError, match="not a token"):
         ConversationEncoder(processor, "<no-such-token>", EncoderSettings(64))

@@ -12,91 +12,26 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
+from peft import PeftModel
 from lightning.pytorch.loggers import CSVLogger
-from peft import LoraConfig, PeftModel, get_peft_model
-from torch.utils.data import DataLoader
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+from tiny_llama import N_LINEAR_4BIT, load_4bit, loader, make_batch, qlora_model
 
 from vlm.training.callbacks import RunSummary, ThroughputMonitor, count_parameters, json_safe
 from vlm.training.module import VisionLanguageFineTuner
 from vlm.training.optim import LRScheduleConfig, adamw
 
-VOCAB = 128
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-N_LINEAR_4BIT = 2 * len(LORA_TARGETS)  # lm_head stays bf16
-
-
-# --------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine
-    OpenMP threads spinning against other processes make it 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.1,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
-def _load_4bit(path: Path) -> torch.nn.Module:
-    return LlamaForCausalLM.from_pretrained(
-        path,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        ),
-        dtype=torch.bfloat16,
-        device_map={"": "cpu"},
-    )
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture
 def load_base(tiny_llama_dir: Path):
-    return lambda: _load_4bit(tiny_llama_dir)
+    return lambda: load_4bit(tiny_llama_dir)
 
 
 @pytest.fixture
-def make_qlora_model(load_base):
-    def build() -> torch.nn.Module:
-        torch.manual_seed(1)
-        return get_peft_model(load_base(), LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS))
-
-    return build
-
-
-def make_batch(seed: int, batch: int = 2, seq: int = 16, prompt: int = 6, pad: int = 3) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
-    attention_mask = torch.ones(batch, seq, dtype=torch.long)
-    if batch > 1 and pad:
-        attention_mask[1, seq - pad :] = 0
-        input_ids[1, seq - pad :] = 0
-    labels = input_ids.clone()
-    labels[:, :prompt] = -100
-    labels[attention_mask == 0] = -100
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def loader(batches) -> DataLoader:
-    return DataLoader(list(batches), batch_size=None)
+def make_qlora_model(tiny_llama_dir: Path):
+    return lambda: qlora_model(tiny_llama_dir)
 
 
 def make_module(model: torch.nn.Module, steps: int = 6) -> VisionLanguageFineTuner:

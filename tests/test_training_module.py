@@ -14,87 +14,18 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from peft import LoraConfig, get_peft_model
-from torch.utils.data import DataLoader
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+from tiny_llama import loader, make_batch, qlora_model
 
 from vlm.training.module import VisionLanguageFineTuner, supervised_token_count
 from vlm.training.optim import LRScheduleConfig, adamw, cosine_with_warmup
 
-VOCAB = 128
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-# --------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine
-    OpenMP threads spinning against other processes make it 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.1,  # the default 0.02 gives logits too flat to memorise a batch
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
-def _load_4bit(path: Path) -> torch.nn.Module:
-    return LlamaForCausalLM.from_pretrained(
-        path,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        ),
-        dtype=torch.bfloat16,
-        device_map={"": "cpu"},
-    )
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture
 def make_qlora_model(tiny_llama_dir: Path):
-    """Builds a fresh 4-bit + LoRA tiny Llama (same base weights, same LoRA init)."""
-
-    def build() -> torch.nn.Module:
-        torch.manual_seed(1)
-        model = _load_4bit(tiny_llama_dir)
-        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
-
-    return build
-
-
-def make_batch(seed: int, batch: int = 2, seq: int = 16, prompt: int = 6, pad: int = 3) -> dict[str, torch.Tensor]:
-    """Row 0 unpadded, row 1 right-padded by ``pad``; labels -100 on the prompt and padding."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
-    attention_mask = torch.ones(batch, seq, dtype=torch.long)
-    if batch > 1 and pad:
-        attention_mask[1, seq - pad :] = 0
-        input_ids[1, seq - pad :] = 0
-    labels = input_ids.clone()
-    labels[:, :prompt] = -100
-    labels[attention_mask == 0] = -100
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def loader(batches: list[dict[str, torch.Tensor]]) -> DataLoader:
-    return DataLoader(batches, batch_size=None)
+    return lambda: qlora_model(tiny_llama_dir)
 
 
 def make_trainer(tmp_path: Path, **kwargs) -> lightning.Trainer:
