@@ -68,3 +68,11 @@ def tiny_models(tiny_checkpoint):
         name: (get_family(name), load_processor(tiny_checkpoint(name), get_family(name)), tiny_checkpoint(name))
         for name in sorted(FAMILIES)
     }
+
+
+@pytest.fixture
+def make_qlora_model(tiny_llama_dir):
+    """``make_qlora_model()`` → a fresh 4-bit + LoRA tiny Llama, the same one every call."""
+    from tiny_llama import qlora_model
+
+    return lambda: qlora_model(tiny_llama_dir)

@@ -13,9 +13,8 @@ import lightning
 import pytest
 import torch
 from peft import PeftModel
-from lightning.pytorch.loggers import CSVLogger
 
-from tiny_llama import N_LINEAR_4BIT, load_4bit, loader, make_batch, qlora_model
+from tiny_llama import N_LINEAR_4BIT, cpu_trainer, load_4bit, loader, make_batch
 
 from vlm.training.callbacks import RunSummary, ThroughputMonitor, count_parameters, json_safe
 from vlm.training.module import VisionLanguageFineTuner
@@ -29,11 +28,6 @@ def load_base(tiny_llama_dir: Path):
     return lambda: load_4bit(tiny_llama_dir)
 
 
-@pytest.fixture
-def make_qlora_model(tiny_llama_dir: Path):
-    return lambda: qlora_model(tiny_llama_dir)
-
-
 def make_module(model: torch.nn.Module, steps: int = 6) -> VisionLanguageFineTuner:
     return VisionLanguageFineTuner(
         model,
@@ -43,18 +37,7 @@ def make_module(model: torch.nn.Module, steps: int = 6) -> VisionLanguageFineTun
 
 
 def make_trainer(tmp_path: Path, callbacks, **kwargs) -> lightning.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=CSVLogger(tmp_path / "logs"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        callbacks=callbacks,
-    )
-    defaults.update(kwargs)
-    return lightning.Trainer(**defaults)
+    return cpu_trainer(tmp_path, callbacks=callbacks, **kwargs)
 
 
 def _reject_constant(name: str):

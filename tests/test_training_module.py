@@ -13,9 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
-from tiny_llama import loader, make_batch, qlora_model
+from tiny_llama import cpu_trainer, loader, make_batch
 
 from vlm.training.module import VisionLanguageFineTuner, supervised_token_count
 from vlm.training.optim import LRScheduleConfig, adamw, cosine_with_warmup
@@ -23,24 +22,8 @@ from vlm.training.optim import LRScheduleConfig, adamw, cosine_with_warmup
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
-@pytest.fixture
-def make_qlora_model(tiny_llama_dir: Path):
-    return lambda: qlora_model(tiny_llama_dir)
-
-
 def make_trainer(tmp_path: Path, **kwargs) -> lightning.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=CSVLogger(tmp_path / "logs"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kwargs)
-    return lightning.Trainer(**defaults)
+    return cpu_trainer(tmp_path, **{"num_sanity_val_steps": 0, **kwargs})
 
 
 def read_csv_metrics(trainer: lightning.Trainer) -> list[dict[str, str]]:

@@ -65,3 +65,21 @@ def make_batch(seed: int, batch: int = 2, seq: int = 16, prompt: int = 6, pad: i
 
 def loader(batches: list[dict[str, torch.Tensor]]) -> DataLoader:
     return DataLoader(list(batches), batch_size=None)
+
+
+def cpu_trainer(tmp_path: Path, **kwargs):
+    """A quiet CPU Trainer logging every step to a CSV log under ``tmp_path``; ``kwargs`` override."""
+    import lightning
+    from lightning.pytorch.loggers import CSVLogger
+
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path / "logs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    settings.update(kwargs)
+    return lightning.Trainer(**settings)
