@@ -69,6 +69,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from vlm.models.families import get_family
     from vlm.models.loading import load_model, load_processor
     from vlm.models.lora import apply_lora, enable_gradient_checkpointing
+    from vlm.training.callbacks import RunSummary
     from vlm.training.module import VisionLanguageFineTuner
 
     started = time.perf_counter()
@@ -120,7 +121,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler)
     )
     for callback in callbacks:
-        if hasattr(callback, "extra"):
+        if isinstance(callback, RunSummary):
             callback.extra.update(
                 {
                     "family": family.model_type,
