@@ -141,10 +141,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         save_config_to_wandb(loggers, resolved)
         if cfg.get("validate_before_fit") and datamodule.val_urls is not None:
             trainer.validate(module, datamodule=datamodule, verbose=False)
-        ckpt_path = cfg.get("ckpt_path")
-        if ckpt_path == "last":
-            ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     finally:
         close_loggers(loggers)
 
