@@ -58,7 +58,7 @@ class EncodedSamples(IterableDataset):
             try:
                 encoded = self.encoder(sample)
             except EncodingError as error:
-                counter.add(error.reason if hasattr(error, "reason") else "unencodable", str(error))
+                counter.add(error.reason, str(error))
                 continue
             now = Counter(counter.as_dict())
             encoded[SKIPPED_KEY] = dict(now - reported)

@@ -18,11 +18,12 @@ from typing import Any
 import lightning
 import torch
 
+from vlm.models.loading import quantized_layer_names
+
 __all__ = [
     "ThroughputMonitor",
     "RunSummary",
     "count_parameters",
-    "count_quantized_linear_layers",
     "peak_memory_bytes",
     "json_safe",
 ]
@@ -63,15 +64,6 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
-
-
-def count_quantized_linear_layers(model: torch.nn.Module) -> int:
-    """Number of ``bitsandbytes.nn.Linear4bit`` modules in ``model``."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        return 0
-    return sum(1 for m in model.modules() if isinstance(m, Linear4bit))
 
 
 def json_safe(value: Any) -> Any:
@@ -473,7 +465,7 @@ class RunSummary(lightning.Callback):
                     "trainable_params": trainable,
                     "total_params": total,
                     "trainable_fraction": trainable / total if total else None,
-                    "quantized_linear_layers": count_quantized_linear_layers(model),
+                    "quantized_linear_layers": len(quantized_layer_names(model)),
                 }
             )
         except Exception:  # noqa: BLE001
@@ -494,10 +486,7 @@ class RunSummary(lightning.Callback):
         status: str,
         error: BaseException | None = None,
     ) -> Path:
-        payload: dict[str, Any] = {"status": status}
-        if error is not None:
-            payload["error"] = f"{type(error).__name__}: {error}"
-        payload.update(self.collect(trainer, pl_module))
+        payload: dict[str, Any] = {"status": status, **self.collect(trainer, pl_module)}
         payload["status"] = status  # `extra` must not override these
         if error is not None:
             payload["error"] = f"{type(error).__name__}: {error}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -12,6 +11,7 @@ from typing import Any
 
 import lightning
 import torch
+from hydra.utils import get_object
 from torch.nn import Parameter
 from torch.optim import Optimizer
 
@@ -77,25 +77,12 @@ def _describe_optimizer(factory: Any) -> Any:
     return {"_target_": _qualname(factory), "_partial_": True}
 
 
-def _locate(path: str) -> Any:
-    parts = path.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(f"cannot locate {path!r}")
-
-
 def _optimizer_from_description(desc: Mapping[str, Any]) -> OptimizerFactory:
     """Rebuild a factory from :func:`_describe_optimizer` output (e.g. in ``load_from_checkpoint``)."""
     desc = _plain(desc)
     if "_target_" not in desc:
         raise TypeError(f"optimizer mapping needs a '_target_' key, got keys {sorted(desc)}")
-    func = _locate(desc["_target_"])
+    func = get_object(desc["_target_"])
     args = desc.get("_args_", [])
     kwargs = {k: v for k, v in desc.items() if not k.startswith("_")}
     return functools.partial(func, *args, **kwargs)
