@@ -100,22 +100,6 @@ def test_qlora_train_step_changes_only_lora_weights(model_type, tiny_checkpoint)
     assert all(after[n].dtype == before.dtype for n, before in frozen_before.items())
 
 
-@pytest.mark.parametrize("model_type", ALL_FAMILIES)
-def test_skip_policies_keep_the_vision_side_in_16_bit(model_type, tiny_checkpoint):
-    family = get_family(model_type)
-    path = tiny_checkpoint(model_type)
-    for policy in ("vision_skip", "bridge_skip"):
-        model, report = load_model(path, family, QuantConfig(policy=policy))
-        quantized = set(quantized_layer_names(model))
-        kept = set(report.plan.kept)
-        assert quantized == set(report.plan.quantized)
-        assert "lm_head" in kept
-        assert any(family.is_projector(n) for n in kept) and any(family.is_vision(n) for n in kept)
-        assert all(n.startswith(family.language_model) for n in quantized if not family.is_cross_attention_out(n))
-        cross = {n for n in kept if family.is_cross_attention_out(n)}
-        assert bool(cross) == (policy == "bridge_skip" and model_type == "mllama")
-
-
 def test_verification_names_layers_that_differ_from_the_plan(tiny_checkpoint):
     family = get_family("llava")
     model, report = load_model(tiny_checkpoint("llava"), family, QuantConfig())

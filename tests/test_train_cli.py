@@ -101,6 +101,18 @@ def test_demo_run_writes_metrics_adapter_checkpoint_and_an_offline_wandb_run(tmp
     assert b'"family": "qwen2_vl"' in records or b'"family":"qwen2_vl"' in records
     assert b"train/loss" in records and b"val/loss" in records
 
+    # Every run reports its quantization: per-layer errors, memory, and fidelity of the loaded model.
+    report = json.loads((run / "quant_report.json").read_text())
+    assert report["policy"] == "standard" and report["quantized_layers"] == 24
+    assert len(report["layers"]) == 24 and all(layer["output_error"] for layer in report["layers"])
+    assert report["memory"]["loaded_bytes"] == report["memory"]["planned_bytes"]
+    assert set(report["fidelity"]) == {"policy", "loaded"}
+    assert report["fidelity"]["loaded"]["kl"] == pytest.approx(report["fidelity"]["policy"]["kl"], rel=1e-6)
+    assert (run / "quant_report.png").read_bytes()[:4] == b"\x89PNG"
+    assert metrics["weight_bytes"] == report["memory"]["loaded_bytes"]
+    assert list(offline_runs[0].glob("files/media/images/quant/report*.png"))
+    assert list(offline_runs[0].glob("files/media/table/quant/layers*.table.json"))
+
 
 @pytest.mark.slow
 def test_the_installed_command_trains_from_any_directory_and_says_wandb_is_offline(tmp_path):

@@ -2,63 +2,39 @@
 
 The only module that sees the whole config. Everything it builds gets plain arguments.
 Order: validate (no weights) → data → tiny checkpoint if asked → processor → data module →
-model (load + verify quantization → LoRA → checkpointing) → Lightning module → fit.
+quantization plan (calibrated and reported, see `vlm.cli.quantize`) → model (load + verify
+quantization → LoRA → checkpointing) → Lightning module → fit.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vlm.configs import config_dir, register_resolvers
 
+from .quantize import check_loaded, plan_for_run, publish
+from .wiring import (
+    ConfigError,
+    announce_wandb,
+    build_components,
+    build_datamodule,
+    close_loggers,
+    prepare_demo_data,
+    resolve_checkpoint,
+    save_config_to_wandb,
+    target_device,
+    write_resolved_config,
+)
+
 log = logging.getLogger("vlm.train")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key."""
-
-
-def build_components(cfg: DictConfig) -> dict[str, Any]:
-    """Instantiate the small config objects; each validates its own keys before anything loads."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    parts = {}
-    for key in ("model", "quant", "lora"):
-        try:
-            parts[key] = instantiate(cfg[key])
-        except InstantiationException as error:
-            cause = error.__cause__ or error
-            raise ConfigError(str(cause)) from None
-    return parts
-
-
-def prepare_demo_data(demo_cfg: DictConfig) -> None:
-    """Render the demo shards unless they are there already."""
-    from vlm.data.demo import write_demo_shards
-
-    out_dir = Path(demo_cfg.out_dir)
-    if sorted(out_dir.glob("train-*.tar")) and sorted(out_dir.glob("val-*.tar")):
-        return
-    log.info("rendering the demo data set into %s", out_dir)
-    write_demo_shards(out_dir, demo_cfg.n_train, demo_cfg.n_val, demo_cfg.image_size, demo_cfg.seed)
-
-
-def target_device(trainer_cfg: DictConfig) -> str:
-    import torch
-
-    if trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -69,51 +45,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from vlm.models.families import get_family
     from vlm.models.loading import load_model, load_processor
     from vlm.models.lora import apply_lora, enable_gradient_checkpointing
+    from vlm.quant.memory import stored_bytes
     from vlm.training.callbacks import RunSummary
     from vlm.training.module import VisionLanguageFineTuner
 
     started = time.perf_counter()
-    parts = build_components(cfg)
+    parts = build_components(cfg, ("model", "quant", "lora"))
     spec, quant, lora = parts["model"], parts["quant"], parts["lora"]
     family = get_family(spec.family)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    resolved = write_resolved_config(cfg, output_dir)
 
-    if cfg.get("demo_data"):
-        prepare_demo_data(cfg.demo_data)
-    checkpoint = spec.checkpoint
-    if spec.is_tiny:
-        from vlm.data.demo import DEMO_VOCABULARY
-        from vlm.models.tiny import build_tiny_checkpoint
-
-        checkpoint = str(build_tiny_checkpoint(family, spec.tiny_dir, DEMO_VOCABULARY, seed=cfg.seed))
-
+    prepare_demo_data(cfg)
+    checkpoint = resolve_checkpoint(spec, family, cfg.seed)
     processor = load_processor(checkpoint, family)
-    try:
-        datamodule = instantiate(
-            cfg.data,
-            processor=processor,
-            image_token=family.image_token,
-            pad_token_id=processor.tokenizer.pad_token_id,
-            batch_major_keys=family.batch_major_image_keys,
-        )
-    except Exception as error:  # Hydra wraps the data module's ValueError
-        cause = error.__cause__ or error
-        if isinstance(cause, ValueError):
-            raise ConfigError(str(cause)) from None
-        raise
-
+    datamodule = build_datamodule(cfg.data, processor, family)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     announce_wandb(loggers)
 
+    device = target_device(cfg.trainer)
+    planning = plan_for_run(cfg, spec, family, quant, checkpoint, processor)
     model, load_report = load_model(
-        checkpoint, family, quant, device=target_device(cfg.trainer), attn_implementation=spec.attn_implementation
+        checkpoint, family, quant, quant_plan=planning.plan, device=device, attn_implementation=spec.attn_implementation
     )
     log.info(load_report.summary())
+    planning.report.loaded_bytes = stored_bytes(model)
+    loaded_fidelity = check_loaded(planning, model, device)
+    if loaded_fidelity is not None:
+        planning.report.fidelity["loaded"] = loaded_fidelity
     model = apply_lora(model, family, lora)
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -129,6 +90,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     "quant_policy": quant.policy,
                     "quant_method": quant.method,
                     "kept_in_16bit": list(load_report.plan.kept),
+                    "weight_bytes": planning.report.loaded_bytes,
+                    "quant_fidelity": {k: v.as_dict() for k, v in planning.report.fidelity.items()},
                     "lora_r": lora.r,
                     "max_seq_length": cfg.data.max_seq_length,
                     "skipped_samples": datamodule.skipped,  # filled as training runs
@@ -139,6 +102,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for logger in loggers:
             logger.log_hyperparams(resolved)
         save_config_to_wandb(loggers, resolved)
+        publish(planning.report, output_dir, loggers, top=cfg.get("report_top_layers", 15))
         if cfg.get("validate_before_fit") and datamodule.val_urls is not None:
             trainer.validate(module, datamodule=datamodule, verbose=False)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -149,40 +113,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     log.info("done in %.1f s; metrics in %s", time.perf_counter() - started, metrics_path)
     return summary
-
-
-def save_config_to_wandb(loggers: list[Any], resolved: dict[str, Any]) -> None:
-    """Keep the resolved config as a file of the W&B run too; offline runs hold it then, and sync it."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            run = logger.experiment
-            path = Path(run.dir) / "vlm_config.yaml"
-            path.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-            run.save(str(path), base_path=run.dir, policy="now")
-
-
-def close_loggers(loggers: list[Any]) -> None:
-    """Finish W&B runs, also after a failure, so the run directory is complete (config, history)."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
-
-
-def announce_wandb(loggers: list[Any]) -> None:
-    """One clear line when W&B runs offline, with how to upload the run later."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._offline:
-            print(
-                f"W&B is offline (no API key): the run is saved under {logger.save_dir}/wandb; "
-                "upload it later with `wandb sync <that run directory>`",
-                file=sys.stderr,
-            )
 
 
 def main() -> None:

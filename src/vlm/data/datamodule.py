@@ -134,6 +134,10 @@ class ShardDataModule(L.LightningDataModule):
             return []
         return self._loader(self.val_urls, train=False, batch_size=self.val_batch_size)
 
+    def stream_dataloader(self, urls: str | list[str]) -> DataLoader:
+        """The batches of ``urls`` once, in shard order, unshuffled: for calibration and evaluation."""
+        return self._loader(expand_urls(urls, "urls"), train=False, batch_size=self.batch_size)
+
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         self.skipped.update(batch.pop(SKIPPED_KEY, {}))
         return batch

@@ -49,11 +49,28 @@ def load_config(checkpoint: str, family: ModelFamily) -> transformers.Pretrained
     return config
 
 
-def linear_layer_names(family: ModelFamily, config: transformers.PretrainedConfig) -> list[str]:
-    """Full names of every ``nn.Linear`` of the model, from a weightless (meta device) instance."""
+def model_skeleton(family: ModelFamily, config: transformers.PretrainedConfig) -> nn.Module:
+    """The model without weights (on the meta device): its module tree and shapes, for free."""
     with torch.device("meta"):
-        skeleton = family.model_class(config)
-    return [name for name, module in skeleton.named_modules() if isinstance(module, nn.Linear)]
+        return family.model_class(config)
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Full names of every ``nn.Linear`` of ``model`` (bitsandbytes' layers are ``nn.Linear`` too)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def resolve_plan(
+    family: ModelFamily, config: transformers.PretrainedConfig, quant: QuantConfig, calibrated: tuple[str, ...] = ()
+) -> QuantPlan:
+    """``quant``'s policy as exact module names of this model; ``calibrated`` is ``dynamic``'s choice.
+
+    Raises ``vlm.quant.policies.PolicyError`` (a ``ValueError``) when it cannot be resolved.
+    """
+    names = linear_layer_names(model_skeleton(family, config))
+    if not quant.quantizes:
+        return QuantPlan.unquantized(names)
+    return plan(names, quant.policy, family.parts, quant.skip_modules, calibrated)
 
 
 def bitsandbytes_config(quant: QuantConfig, keep: tuple[str, ...]) -> transformers.BitsAndBytesConfig | None:
@@ -87,17 +104,20 @@ def load_model(
     family: ModelFamily,
     quant: QuantConfig,
     *,
+    quant_plan: QuantPlan | None = None,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = "sdpa",
 ) -> tuple[nn.Module, LoadReport]:
-    """Load ``checkpoint`` with ``quant``'s policy onto ``device``; frozen weights in the compute dtype.
+    """Load ``checkpoint`` onto ``device`` quantized as ``quant_plan`` (default: ``quant``'s policy
+    resolved here); frozen weights in the compute dtype.
 
     Raises ``QuantizationMismatch`` when the quantized layers differ from the plan.
     """
+    if quant_plan is None and quant.policy == "dynamic":
+        raise ValueError("quant.policy=dynamic needs the calibrated plan (vlm.cli.quantize.plan_quantization)")
     config = load_config(checkpoint, family)
-    quant_plan = plan(linear_layer_names(family, config), family, quant.policy, quant.skip_modules)
-    if not quant.quantizes:
-        quant_plan = QuantPlan(quantized=(), kept=quant_plan.quantized + quant_plan.kept)
+    if quant_plan is None:
+        quant_plan = resolve_plan(family, config, quant)
     kwargs: dict[str, Any] = {
         "dtype": quant.torch_compute_dtype,
         "device_map": {"": str(device)},

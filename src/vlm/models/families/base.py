@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 import transformers
 
+from vlm.quant.policies import ModelParts
+
 # Every linear layer of a decoder block of a Llama-style language model: the standard QLoRA targets.
 LLAMA_STYLE_LINEARS = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
@@ -72,14 +74,12 @@ class ModelFamily:
         return getattr(transformers, self.processor_class_name)
 
     # ---- module names --------------------------------------------------------------------------
-    def is_vision(self, name: str) -> bool:
-        return _under(name, self.vision_tower)
-
-    def is_projector(self, name: str) -> bool:
-        return _under(name, self.projector)
-
-    def is_cross_attention_out(self, name: str) -> bool:
-        return self.cross_attention_out is not None and re.fullmatch(self.cross_attention_out, name) is not None
+    @property
+    def parts(self) -> ModelParts:
+        """Where the parts live that 4-bit quantization hurts most, for the skip-layer policies."""
+        return ModelParts(
+            vision=(self.vision_tower,), projector=(self.projector,), cross_attention_out=self.cross_attention_out
+        )
 
     def is_lora_target(self, name: str) -> bool:
         return re.fullmatch(self.lora_targets, name) is not None
@@ -117,10 +117,6 @@ class ModelFamily:
             "initializer_range": 0.15,
             **overrides,
         }
-
-
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
 
 
 def image_processor(class_stem: str, **kwargs: Any) -> Any:

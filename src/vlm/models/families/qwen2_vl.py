@@ -51,10 +51,6 @@ class Qwen2VL(ModelFamily):
     patch_size = 14
     merge_size = 2
 
-    def is_vision(self, name: str) -> bool:
-        # The merger (projector) sits inside `visual`; the vision tower proper is the rest of it.
-        return super().is_vision(name) and not self.is_projector(name)
-
     def tiny_vision_config(self) -> dict[str, Any]:
         size = self.tiny
         return {
