@@ -10,33 +10,25 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
+from composing import compose_small
 from hydra.errors import MissingConfigException
 
 from vlm.cli.train import ConfigError, train
-from vlm.configs import config_dir, register_resolvers
+from vlm.configs import config_dir
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 
 
 def compose_train(tmp_path: Path, *overrides: str):
-    """The real train config with run outputs, caches and data under ``tmp_path``, sized to seconds."""
-    register_resolvers()
+    """The real train config, sized to seconds."""
     small = [
-        f"paths.output_dir={tmp_path / 'run'}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        "demo_data.n_train=64",
-        "demo_data.n_val=16",
-        "data.batch_size=4",
         "data.val_batch_size=8",
-        "data.num_workers=0",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
         "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false",
     ]
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("train", overrides=[*small, *overrides])
+    return compose_small("train", tmp_path, *small, *overrides)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

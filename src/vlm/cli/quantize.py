@@ -258,8 +258,7 @@ def publish(report: QuantReport, output_dir: Path, loggers: list[Any], top: int 
         rows = report.layer_rows()
         columns = list(rows[0]) if rows else []
         payload: dict[str, Any] = {"quant/layers": wandb.Table(columns=columns, data=[[_cell(r[c]) for c in columns] for r in rows])}
-        if png_path is not None:
-            payload["quant/report"] = wandb.Image(str(png_path))
+        payload["quant/report"] = wandb.Image(str(png_path))
         run.log(payload)
         run.summary.update(_flat_summary(report))
         run.save(str(json_path), base_path=str(json_path.parent), policy="now")

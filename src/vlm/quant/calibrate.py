@@ -35,6 +35,8 @@ class CalibrationSettings:
 
     ``budget_bytes`` (an integer or a string such as ``"700MB"`` or ``"0.7GiB"``) wins over
     ``budget_fraction`` (extra 16-bit bytes as a fraction of the all-4-bit weight memory).
+    With ``score="kl"`` only the ``end_to_end_layers`` layers that got a KL measurement (those
+    with the largest output error) are candidates.
     """
 
     measure: bool = True

@@ -95,15 +95,14 @@ class QuantReport:
         }
 
     # ---- outputs -------------------------------------------------------------------------------
-    def write(self, directory: str | Path) -> tuple[Path, Path | None]:
-        """``quant_report.json`` and, when layers were measured, ``quant_report.png`` in ``directory``."""
+    def write(self, directory: str | Path) -> tuple[Path, Path]:
+        """``quant_report.json`` and ``quant_report.png`` in ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         json_path = directory / "quant_report.json"
         json_path.write_text(json.dumps(self.to_dict(), indent=2))
-        png_path = directory / "quant_report.png" if self.layers else None
-        if png_path is not None:
-            self.plot(png_path)
+        png_path = directory / "quant_report.png"
+        self.plot(png_path)
         return json_path, png_path
 
     def top_rows(self, n: int) -> list[tuple[str, ...]]:
@@ -162,14 +161,27 @@ class QuantReport:
         console.print(table)
 
     def plot(self, path: str | Path) -> None:
-        """Per-layer errors along the depth of the model ("spikes"), coloured by part, kept layers ringed."""
+        """Per-layer errors along the depth of the model ("spikes"), coloured by part, kept layers
+        ringed, beside the weight memory; the memory alone when nothing was measured."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         rows = [r for r in self.layer_rows() if r["weight_error"] is not None]
-        figure, axes = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+        if not rows:
+            figure, axis = plt.subplots(figsize=(7, 4))
+            self._plot_memory(axis)
+            figure.suptitle("\n".join(self.summary_lines()[:1]), fontsize=9)
+            figure.tight_layout()
+            figure.savefig(path, dpi=110)
+            plt.close(figure)
+            return
+        figure = plt.figure(figsize=(15, 7))
+        grid = figure.add_gridspec(2, 5)
+        axes = [figure.add_subplot(grid[0, :4])]
+        axes.append(figure.add_subplot(grid[1, :4], sharex=axes[0]))
+        self._plot_memory(figure.add_subplot(grid[:, 4]))
         for axis, key, label in (
             (axes[0], "output_error", "relative output error"),
             (axes[1], "weight_error", "relative weight error"),
@@ -190,6 +202,17 @@ class QuantReport:
         figure.tight_layout()
         figure.savefig(path, dpi=110)
         plt.close(figure)
+
+    def _plot_memory(self, axis: Any) -> None:
+        m = self.memory
+        labels = ["16-bit", "all 4-bit", self.policy]
+        values = [m.all_16bit / GIB, m.all_4bit / GIB, m.planned / GIB]
+        bars = axis.bar(labels, values, color=["tab:gray", "tab:blue", "tab:orange"])
+        for bar, value in zip(bars, (m.all_16bit, m.all_4bit, m.planned)):
+            axis.annotate(human_bytes(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                          ha="center", va="bottom", fontsize=8)
+        axis.set_ylabel("weight memory (GiB)")
+        axis.tick_params(axis="x", labelrotation=20)
 
 
 def _fmt(value: float | None) -> str:
