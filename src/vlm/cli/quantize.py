@@ -299,7 +299,9 @@ def gather_batches(
     return calibration_batches, heldout
 
 
-def plan_for_run(cfg: DictConfig, spec: Any, family: Any, quant: QuantConfig, checkpoint: str, processor: Any) -> Planning:
+def plan_for_run(
+    cfg: DictConfig, spec: Any, family: Any, quant: QuantConfig, checkpoint: str, processor: Any, device: str
+) -> Planning:
     """Planning as both entry points run it: config in, batches gathered only when measuring."""
     calibration = build_components(cfg, ("calibration",))["calibration"]
     batches: tuple[list, list] = ([], [])
@@ -312,7 +314,7 @@ def plan_for_run(cfg: DictConfig, spec: Any, family: Any, quant: QuantConfig, ch
         calibration,
         calibration_batches=batches[0],
         heldout_batches=batches[1],
-        device=target_device(cfg.get("trainer")),
+        device=device,
         attn_implementation=spec.attn_implementation,
         cache_dir=Path(cfg.paths.cache_dir) / "calibration",
     )
@@ -333,7 +335,7 @@ def quantize(cfg: DictConfig) -> QuantReport:
     prepare_demo_data(cfg)
     checkpoint = resolve_checkpoint(spec, family, cfg.seed)
     processor = load_processor(checkpoint, family)
-    planning = plan_for_run(cfg, spec, family, quant, checkpoint, processor)
+    planning = plan_for_run(cfg, spec, family, quant, checkpoint, processor, target_device(None))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     try:
         publish(planning.report, output_dir, loggers, top=cfg.get("report_top_layers", 15))

@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 
 from vlm.configs import config_dir, register_resolvers
 
+from vlm.sweeps.jobs import JobIdentity, claimed_gpu, free_accelerator_memory, job_identity, record_failure
+
 from .quantize import check_loaded, plan_for_run, publish
 from .wiring import (
     ConfigError,
@@ -38,7 +40,24 @@ log = logging.getLogger("vlm.train")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job; returns the run summary (what ``metrics.json`` holds)."""
+    """Run one training job; returns the run summary (what ``metrics.json`` holds).
+
+    In a sweep whose jobs run side by side on one machine (the joblib launcher), the job first
+    takes a GPU of its own and holds it until it ends.
+    """
+    import torch
+
+    parts = build_components(cfg, ("model", "quant", "lora"))
+    identity = job_identity(cfg, parts["model"].family, parts["quant"].policy)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if identity.parallel_local and gpus > 1 and target_device(cfg.trainer).startswith("cuda"):
+        with claimed_gpu(Path(identity.sweep_dir) / ".gpu-locks", gpus, preferred=identity.job_num or 0) as gpu:
+            torch.cuda.set_device(gpu)
+            return _fit(cfg, parts, identity, gpu)
+    return _fit(cfg, parts, identity, None)
+
+
+def _fit(cfg: DictConfig, parts: dict[str, Any], identity: JobIdentity, gpu: int | None) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import instantiate
 
@@ -50,7 +69,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from vlm.training.module import VisionLanguageFineTuner
 
     started = time.perf_counter()
-    parts = build_components(cfg, ("model", "quant", "lora"))
     spec, quant, lora = parts["model"], parts["quant"], parts["lora"]
     family = get_family(spec.family)
     L.seed_everything(cfg.seed, workers=True)
@@ -62,11 +80,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     processor = load_processor(checkpoint, family)
     datamodule = build_datamodule(cfg.data, processor, family)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = build_loggers(cfg, identity)
     announce_wandb(loggers)
 
-    device = target_device(cfg.trainer)
-    planning = plan_for_run(cfg, spec, family, quant, checkpoint, processor)
+    device = target_device(cfg.trainer, gpu)
+    planning = plan_for_run(cfg, spec, family, quant, checkpoint, processor, device)
     model, load_report = load_model(
         checkpoint, family, quant, quant_plan=planning.plan, device=device, attn_implementation=spec.attn_implementation
     )
@@ -95,9 +113,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     "lora_r": lora.r,
                     "max_seq_length": cfg.data.max_seq_length,
                     "skipped_samples": datamodule.skipped,  # filled as training runs
+                    **identity.as_dict(),
                 }
             )
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    placement = {"devices": [gpu]} if gpu is not None else {}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **placement)
     try:
         for logger in loggers:
             logger.log_hyperparams(resolved)
@@ -115,19 +135,66 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def main() -> None:
-    register_resolvers()
+def build_loggers(cfg: DictConfig, identity: JobIdentity) -> list[Any]:
+    """The configured loggers; a W&B run is named after the job's overrides, grouped by its sweep
+    (unless ``logger.wandb.group`` is set) and tagged with model, quant policy, rank and length."""
+    from hydra.utils import instantiate
 
-    @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
-    def _run(cfg: DictConfig) -> float | None:
-        try:
-            summary = train(cfg)
-        except ConfigError as error:
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if node is None:
+            continue
+        extra: dict[str, Any] = {}
+        if str(node.get("_target_", "")).endswith("WandbLogger"):
+            extra = {
+                "name": identity.name,
+                "group": node.get("group") or identity.group,
+                "tags": [*(node.get("tags") or []), *identity.tags],
+            }
+        loggers.append(instantiate(node, **extra))
+    return loggers
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """One job as Hydra runs it: the metric a sweeper minimizes, and every failure recorded.
+
+    In a sweep a failed job (bad value, out of memory, bad data) leaves ``metrics.json`` with its
+    error and returns NaN, so the other jobs go on and the sweep report lists it; a single run
+    exits with code 2 on an invalid config and re-raises anything else after recording it.
+    """
+    try:
+        summary = train(cfg)
+    except Exception as error:  # noqa: BLE001 - recorded, then re-raised or reported
+        record_failure(cfg.paths.output_dir, error, _identity_or_none(cfg))
+        free_accelerator_memory()
+        if in_multirun():
+            log.error("job failed, recorded in %s: %s", Path(cfg.paths.output_dir) / "metrics.json", error)
+            return float("nan")
+        if isinstance(error, ConfigError):
             print(f"vlm-train: invalid config: {error}", file=sys.stderr)
             sys.exit(2)
-        return summary.get("final_val_loss")
+        raise
+    value = summary.get(cfg.get("optimized_metric") or "final_val_loss")
+    return float("nan") if value is None else value
 
-    _run()
+
+def _identity_or_none(cfg: DictConfig) -> JobIdentity | None:
+    try:
+        return job_identity(cfg, str(cfg.model.get("family")), str(cfg.quant.get("policy")))
+    except Exception:  # noqa: BLE001 - the failure being recorded matters more than its labels
+        return None
+
+
+def main() -> None:
+    register_resolvers()
+    hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(run_job)()
 
 
 if __name__ == "__main__":

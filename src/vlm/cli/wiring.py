@@ -76,12 +76,13 @@ def build_datamodule(data_cfg: DictConfig, processor: Any, family: Any, **overri
     )
 
 
-def target_device(trainer_cfg: DictConfig | None) -> str:
+def target_device(trainer_cfg: DictConfig | None, gpu: int | None = None) -> str:
+    """Where the model loads: the job's GPU, this process's GPU in a distributed run, or the CPU."""
     import torch
 
     accelerator = trainer_cfg.get("accelerator") if trainer_cfg else "auto"
     if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return f"cuda:{gpu if gpu is not None else int(os.environ.get('LOCAL_RANK', 0))}"
     return "cpu"
 
 
