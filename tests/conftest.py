@@ -7,6 +7,10 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's interpreter: set before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from vlm.data.demo import DEMO_VOCABULARY
 from vlm.models.families import FAMILIES, get_family
 from vlm.models.tiny import build_tiny_checkpoint

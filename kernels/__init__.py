@@ -1,0 +1,1 @@
+"""Triton kernels for the QLoRA hot path, one module per op (see README.md). Imports torch and triton only."""
