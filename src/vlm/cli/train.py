@@ -47,7 +47,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     import torch
 
-    parts = build_components(cfg, ("model", "quant", "lora"))
+    parts = build_components(cfg, ("model", "quant", "lora", "kernels"))
     identity = job_identity(cfg, parts["model"].family, parts["quant"].policy)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if identity.parallel_local and gpus > 1 and target_device(cfg.trainer).startswith("cuda"):
@@ -64,6 +64,7 @@ def _fit(cfg: DictConfig, parts: dict[str, Any], identity: JobIdentity, gpu: int
     from vlm.models.families import get_family
     from vlm.models.loading import load_model, load_processor
     from vlm.models.lora import apply_lora, enable_gradient_checkpointing
+    from vlm.patching import apply_kernels
     from vlm.quant.memory import stored_bytes
     from vlm.training.callbacks import RunSummary
     from vlm.training.module import VisionLanguageFineTuner
@@ -94,6 +95,8 @@ def _fit(cfg: DictConfig, parts: dict[str, Any], identity: JobIdentity, gpu: int
     if loaded_fidelity is not None:
         planning.report.fidelity["loaded"] = loaded_fidelity
     model = apply_lora(model, family, lora)
+    patches = apply_kernels(model, parts["kernels"])
+    log.info(patches.summary())
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     module = VisionLanguageFineTuner(
@@ -111,6 +114,7 @@ def _fit(cfg: DictConfig, parts: dict[str, Any], identity: JobIdentity, gpu: int
                     "weight_bytes": planning.report.loaded_bytes,
                     "quant_fidelity": {k: v.as_dict() for k, v in planning.report.fidelity.items()},
                     "lora_r": lora.r,
+                    "kernels": dict(patches.patched),
                     "max_seq_length": cfg.data.max_seq_length,
                     "skipped_samples": datamodule.skipped,  # filled as training runs
                     **identity.as_dict(),

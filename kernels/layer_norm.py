@@ -1,0 +1,137 @@
+"""LayerNorm over the last dimension (``torch.nn.functional.layer_norm``, as in CLIP, Mllama ViT and Qwen2-VL
+vision towers), fused into one Triton pass per row: forward keeps only fp32 mean and rstd per row, backward
+recomputes the normalized row from them and sums weight and bias grads in fp32 per program."""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._shared import as_rows, backward_programs, round_to_nearest, row_tile
+
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``torch.nn.LayerNorm`` over the last dimension: output in x's dtype."""
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@triton.jit
+def _layer_norm_forward_kernel(
+    X, W, B, Y, MEAN, RSTD, n_rows, n_cols, x_row_stride, y_row_stride, eps,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)  # rows * stride can pass 2**31 at long sequences
+
+    x = tl.load(X + rows64[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / n_cols
+    # Two-pass variance (the row is in registers): no cancellation for rows with a large mean.
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / n_cols + eps)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = centered * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + rows64[:, None] * y_row_stride + cols[None, :], round_to_nearest(y, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _layer_norm_backward_kernel(
+    DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, n_rows, n_cols, dy_row_stride, x_row_stride, dx_row_stride,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, COMPUTE_DW_DB: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    col_ok = cols < n_cols
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    db = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    for first_row in range(pid * ROWS, n_rows, n_programs * ROWS):
+        rows = first_row + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if COMPUTE_DW_DB:
+            dw += dy * x_hat
+            db += dy
+        g = dy * w[None, :]
+        g_mean = tl.sum(g, axis=1) / n_cols
+        projection = tl.sum(g * x_hat, axis=1) / n_cols
+        dx = rstd[:, None] * (g - g_mean[:, None] - x_hat * projection[:, None])
+        tl.store(DX + rows64[:, None] * dx_row_stride + cols[None, :], round_to_nearest(dx, DX.dtype.element_ty).to(DX.dtype.element_ty), mask=mask)
+    if COMPUTE_DW_DB:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_ok)
+        tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db, axis=0), mask=col_ok)
+
+
+def _layer_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_rows, n_cols = x.shape
+    y = torch.empty_like(x)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block, rows, num_warps = row_tile(n_cols)
+    grid = (triton.cdiv(n_rows, rows),)
+    _layer_norm_forward_kernel[grid](
+        x, weight, bias, y, mean, rstd, n_rows, n_cols, x.stride(0), y.stride(0), eps,
+        BLOCK=block, ROWS=rows, num_warps=num_warps,
+    )
+    return y, mean, rstd
+
+
+def _layer_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias_dtype: torch.dtype,
+    mean: torch.Tensor, rstd: torch.Tensor, compute_dw_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    n_rows, n_cols = x.shape
+    block, rows, num_warps = row_tile(n_cols)
+    programs = backward_programs(x, triton.cdiv(n_rows, rows), num_warps)
+    dx = torch.empty_like(x)
+    # fp32 partial sums per program, reduced once below: no bf16 atomics.
+    partials = torch.empty((2, programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw_db else None
+    dw_partial, db_partial = (partials[0], partials[1]) if compute_dw_db else (rstd, rstd)
+    _layer_norm_backward_kernel[(programs,)](
+        dy, x, weight, mean, rstd, dx, dw_partial, db_partial, n_rows, n_cols,
+        dy.stride(0), x.stride(0), dx.stride(0),
+        BLOCK=block, ROWS=rows, COMPUTE_DW_DB=compute_dw_db, num_warps=num_warps,
+    )
+    if not compute_dw_db:
+        return dx, None, None
+    sums = partials.sum(1)
+    return dx, sums[0].to(weight.dtype), sums[1].to(bias_dtype)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        x_rows = as_rows(x, x.shape[-1])
+        y, mean, rstd = _layer_norm_forward(x_rows, weight.contiguous(), bias.contiguous(), eps)
+        ctx.save_for_backward(x_rows, weight, mean, rstd)
+        ctx.x_shape = x.shape
+        ctx.bias_dtype = bias.dtype
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x_rows, weight, mean, rstd = ctx.saved_tensors
+        compute_dw_db = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        dx, dw, db = _layer_norm_backward(
+            as_rows(dy, x_rows.shape[1]), x_rows, weight.contiguous(), ctx.bias_dtype, mean, rstd, compute_dw_db
+        )
+        return dx.view(ctx.x_shape), dw, db, None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension of ``x`` (any leading shape), with the semantics of ``layer_norm_reference``."""
+    return LayerNormFunction.apply(x, weight, bias, eps)

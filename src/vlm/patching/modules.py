@@ -1,0 +1,135 @@
+"""Patches that replace a module's ``forward`` with one calling a kernel: norms, gated MLPs and
+the QLoRA linear. Each checks that the module computes what the kernel computes, else leaves it."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from .apply import PatchReport
+
+
+def _replace_forward(module: nn.Module, forward) -> None:  # noqa: ANN001
+    module.forward = types.MethodType(forward, module)
+
+
+# --------------------------------------------------------------------------- norms
+def patch_rms_norms(model: nn.Module, report: PatchReport) -> None:
+    """Llama-style RMSNorms: a ``weight`` and ``variance_epsilon`` (or ``eps``), no offset."""
+    from vlm.kernels.rms_norm import rms_norm
+
+    for module in model.modules():
+        if not type(module).__name__.endswith("RMSNorm"):
+            continue
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if not isinstance(getattr(module, "weight", None), torch.Tensor) or eps is None:
+            report.skipped["rms_norm: no weight or eps"] += 1
+            continue
+
+        def forward(self, hidden_states, eps=eps):  # noqa: ANN001
+            return rms_norm(hidden_states, self.weight, eps)
+
+        _replace_forward(module, forward)
+        report.patched["rms_norm"] += 1
+
+
+def patch_layer_norms(model: nn.Module, report: PatchReport) -> None:
+    from vlm.kernels.layer_norm import layer_norm
+
+    for module in model.modules():
+        if not isinstance(module, nn.LayerNorm):
+            continue
+        if not module.elementwise_affine or module.bias is None or len(module.normalized_shape) != 1:
+            report.skipped["layer_norm: not affine over the last dimension"] += 1
+            continue
+
+        def forward(self, hidden_states):  # noqa: ANN001
+            return layer_norm(hidden_states, self.weight, self.bias, self.eps)
+
+        _replace_forward(module, forward)
+        report.patched["layer_norm"] += 1
+
+
+# --------------------------------------------------------------------------- gated MLPs
+def _activation_kind(act: nn.Module) -> str | None:
+    """``swiglu``, ``geglu-tanh``, ``geglu-none`` or ``None`` for the MLP's activation module."""
+    if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
+        return "swiglu"
+    if isinstance(act, nn.GELU):
+        return f"geglu-{act.approximate}"
+    name = type(act).__name__
+    if name in ("PytorchGELUTanh", "GELUTanh", "NewGELUActivation", "FastGELUActivation"):
+        return "geglu-tanh"
+    if name == "GELUActivation":
+        return "geglu-none"
+    return None
+
+
+def patch_gated_mlps(model: nn.Module, report: PatchReport, *, swiglu: bool, geglu: bool) -> None:
+    """MLPs computing ``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama, Qwen2, Mllama text, Qwen2.5-VL vision)."""
+    for module in model.modules():
+        if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            continue
+        kind = _activation_kind(module.act_fn)
+        if kind is None:
+            report.skipped[f"gated mlp: activation {type(module.act_fn).__name__}"] += 1
+            continue
+        if kind == "swiglu" and swiglu:
+            from vlm.kernels.swiglu import swiglu as gate
+
+            def forward(self, x, gate=gate):  # noqa: ANN001
+                return self.down_proj(gate(self.gate_proj(x), self.up_proj(x)))
+        elif kind.startswith("geglu") and geglu:
+            from vlm.kernels.geglu import geglu as gelu_gate
+
+            approximate = kind.split("-", 1)[1]
+
+            def forward(self, x, gate=gelu_gate, approximate=approximate):  # noqa: ANN001
+                return self.down_proj(gate(self.gate_proj(x), self.up_proj(x), approximate=approximate))
+        else:
+            continue
+        _replace_forward(module, forward)
+        report.patched[kind.split("-")[0]] += 1
+
+
+# --------------------------------------------------------------------------- QLoRA linear
+def patch_qlora_linears(model: nn.Module, report: PatchReport) -> None:
+    """PEFT LoRA layers on bitsandbytes 4-bit linears: one fused op for base and adapter.
+
+    Falls back to PEFT's own forward (per call) where the fused op does not apply: adapters
+    disabled or merged, several active adapters, LoRA dropout, or a variant such as DoRA.
+    """
+    import bitsandbytes as bnb
+
+    from vlm.kernels.qlora_linear import qlora_linear
+
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if not isinstance(base, bnb.nn.Linear4bit) or not hasattr(module, "lora_A"):
+            continue
+        adapters = list(module.active_adapters)
+        adapter = adapters[0] if len(adapters) == 1 else None
+        dropout = module.lora_dropout[adapter] if adapter in module.lora_dropout else None
+        if adapter is None or not isinstance(dropout, nn.Identity) or adapter in getattr(module, "lora_variant", {}):
+            report.skipped["lora: dropout, several adapters or a variant"] += 1
+            continue
+        peft_forward = module.forward
+
+        def forward(self, x, *args, peft_forward=peft_forward, adapter=adapter, **kwargs):  # noqa: ANN001
+            if self.disable_adapters or self.merged or args or kwargs or list(self.active_adapters) != [adapter]:
+                return peft_forward(x, *args, **kwargs)
+            a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+            weight = self.base_layer.weight
+            # As bitsandbytes does: compute in the layer's compute dtype, answer in the input's.
+            compute = self.base_layer.compute_dtype or x.dtype
+            bias = self.base_layer.bias
+            out = qlora_linear(
+                x.to(compute), weight, weight.quant_state, a.to(compute), b.to(compute),
+                self.scaling[adapter], None if bias is None else bias.to(compute),
+            )
+            return out.to(x.dtype)
+
+        _replace_forward(module, forward)
+        report.patched["lora"] += 1

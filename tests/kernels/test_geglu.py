@@ -1,0 +1,183 @@
+"""GeGLU (``gelu(gate) * up``, tanh and exact erf GELU): the Triton op against its float64 reference, and
+the reference against Hugging Face's GELU MLPs (GemmaMLP for tanh)."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlm.kernels.geglu import BLOCK_SIZE, geglu, geglu_reference
+
+# The op computes in fp32 and rounds once to the input dtype: one machine epsilon of relative slack per
+# dtype (round-to-nearest on a GPU needs half of it; Triton's interpreter truncates fp32 -> bf16 and needs
+# all of it), and an absolute floor for results near zero, where fp32 cancellation (gelu'(g) vanishes
+# at g = -0.75) dominates.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.bfloat16: dict(atol=1e-3, rtol=2.0**-7),
+    torch.float16: dict(atol=1e-4, rtol=2.0**-10),
+}
+DTYPES = list(TOLERANCES)
+APPROXIMATIONS = ["tanh", "none"]
+# One row; a width that is no power of two; more elements than one block (with a ragged tail).
+SHAPES = [(1, 1, 7), (3, 5, 100), (2, 1000)]
+# Hugging Face's ACT2FN names of the two GELUs.
+HF_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}
+
+# The interpreter's numpy sigmoid overflows exp(-x) to inf for very negative x, which still yields 0.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+
+def make_inputs(shape, dtype, device="cpu", seed=0):
+    """gate spread wide enough to reach gelu's saturated tails; up of unit scale."""
+    generator = torch.Generator().manual_seed(seed)
+    gate = 3.0 * torch.randn(shape, generator=generator)
+    up = torch.randn(shape, generator=generator)
+    return gate.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype)
+
+
+def float64_reference_with_grads(gate, up, grad_out, approximate):
+    gate64 = gate.detach().double().requires_grad_()
+    up64 = up.detach().double().requires_grad_()
+    out64 = geglu_reference(gate64, up64, approximate)
+    out64.backward(grad_out.double())
+    return out64.detach(), gate64.grad, up64.grad
+
+
+def assert_matches_float64_reference(shape, dtype, approximate, device):
+    gate, up = make_inputs(shape, dtype, device)
+    gate.requires_grad_()
+    up.requires_grad_()
+    out = geglu(gate, up, approximate)
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    out.backward(grad_out)
+    expected_out, expected_grad_gate, expected_grad_up = float64_reference_with_grads(gate, up, grad_out, approximate)
+
+    assert out.dtype == dtype and out.shape == gate.shape
+    assert gate.grad.dtype == dtype and up.grad.dtype == dtype
+    torch.testing.assert_close(out.double(), expected_out, **TOLERANCES[dtype])
+    torch.testing.assert_close(gate.grad.double(), expected_grad_gate, **TOLERANCES[dtype])
+    torch.testing.assert_close(up.grad.double(), expected_grad_up, **TOLERANCES[dtype])
+
+
+def test_shapes_include_one_wider_than_a_block():
+    assert any(torch.Size(shape).numel() > BLOCK_SIZE for shape in SHAPES)
+
+
+@pytest.mark.parametrize("approximate", APPROXIMATIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_and_backward_match_float64_reference(shape, dtype, approximate):
+    assert_matches_float64_reference(shape, dtype, approximate, "cpu")
+
+
+def test_tanh_is_the_default_approximation():
+    gate, up = make_inputs((2, 1000), torch.float32)
+    assert torch.equal(geglu(gate, up), geglu(gate, up, approximate="tanh"))
+    assert torch.equal(geglu_reference(gate, up), geglu_reference(gate, up, approximate="tanh"))
+
+
+def test_the_two_approximations_differ():
+    gate, up = make_inputs((2, 1000), torch.float32)
+    assert not torch.allclose(geglu(gate, up, "tanh"), geglu(gate, up, "none"), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("approximate", APPROXIMATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_is_gelu_times_up_in_the_tensor_dtype(dtype, approximate):
+    from transformers.activations import ACT2FN
+
+    gate, up = make_inputs((3, 5, 100), dtype)
+    expected = F.gelu(gate, approximate=approximate) * up
+    assert torch.equal(geglu_reference(gate, up, approximate), expected)
+    assert torch.equal(ACT2FN[HF_ACTIVATIONS[approximate]](gate) * up, expected)
+
+
+def test_halves_of_a_fused_gate_up_projection_need_not_be_contiguous():
+    fused = torch.randn(4, 2 * 300, generator=torch.Generator().manual_seed(2))
+    gate, up = fused.chunk(2, dim=-1)
+    assert not gate.is_contiguous()
+    torch.testing.assert_close(geglu(gate, up), geglu_reference(gate, up), **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("approximate", APPROXIMATIONS)
+def test_only_inputs_that_require_grad_get_one(approximate):
+    gate, up = make_inputs((2, 1000), torch.float32)
+    up.requires_grad_()
+    geglu(gate, up, approximate).sum().backward()
+    up64 = up.detach().double().requires_grad_()
+    geglu_reference(gate.double(), up64, approximate).sum().backward()
+    assert gate.grad is None
+    torch.testing.assert_close(up.grad.double(), up64.grad, **TOLERANCES[torch.float32])
+
+
+def test_bad_arguments_are_rejected():
+    gate, up = make_inputs((2, 8), torch.float32)
+    with pytest.raises(ValueError):
+        geglu(gate, up[:, :4])
+    with pytest.raises(ValueError):
+        geglu(gate, up.half())
+    with pytest.raises(ValueError):
+        geglu(gate, up, approximate="sigmoid")
+
+
+def test_empty_input_gives_empty_output():
+    gate, up = make_inputs((0, 16), torch.float32)
+    assert geglu(gate, up).shape == (0, 16)
+
+
+def tiny_gelu_mlp(approximate):
+    """GemmaMLP for the tanh GELU; Gemma maps every GELU to tanh, so the exact one uses LlamaMLP's layout."""
+    from transformers import GemmaConfig, LlamaConfig
+    from transformers.models.gemma.modeling_gemma import GemmaMLP
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    if approximate == "tanh":
+        mlp = GemmaMLP(GemmaConfig(hidden_size=32, intermediate_size=88, hidden_act="gelu_pytorch_tanh"))
+    else:
+        mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=88, hidden_act="gelu"))
+    assert mlp.act_fn.__class__.__name__ == {"tanh": "GELUTanh", "none": "GELUActivation"}[approximate]
+    return mlp
+
+
+def geglu_mlp_forward(mlp, x, approximate):
+    return mlp.down_proj(geglu(mlp.gate_proj(x), mlp.up_proj(x), approximate))
+
+
+@pytest.mark.parametrize("approximate", APPROXIMATIONS)
+def test_mlp_with_geglu_matches_the_stock_module(approximate):
+    stock = tiny_gelu_mlp(approximate)
+    fused = copy.deepcopy(stock)
+    fused.forward = types.MethodType(lambda mlp, x: geglu_mlp_forward(mlp, x, approximate), fused)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    x_stock, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+    expected, actual = stock(x_stock), fused(x_fused)
+    expected.square().sum().backward()
+    actual.square().sum().backward()
+
+    torch.testing.assert_close(actual, expected, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(x_fused.grad, x_stock.grad, **TOLERANCES[torch.float32])
+    for (name, fused_param), stock_param in zip(fused.named_parameters(), stock.parameters()):
+        torch.testing.assert_close(fused_param.grad, stock_param.grad, **TOLERANCES[torch.float32], msg=name)
+
+
+@pytest.mark.parametrize("approximate", APPROXIMATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_matches_the_mlp_activation(dtype, approximate):
+    mlp = tiny_gelu_mlp(approximate).to(dtype)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)).to(dtype)
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    assert torch.equal(mlp.down_proj(geglu_reference(gate, up, approximate)), mlp(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("approximate", APPROXIMATIONS)
+def test_real_size_matches_float64_reference_on_cuda(approximate):
+    # 8192 tokens x Llama-3.2-11B's intermediate size.
+    assert_matches_float64_reference((8192, 14336), torch.bfloat16, approximate, "cuda")

@@ -1,0 +1,236 @@
+"""The QLoRA linear kernel against bitsandbytes' NF4 dequantization, a float64 reference and PEFT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+from vlm.kernels.qlora_linear import (  # noqa: E402
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    qlora_linear,
+    qlora_linear_reference,
+)
+
+# Errors are measured on tensors divided by the float64 result's RMS (matmul sums grow with their
+# length), so these are relative to the tensor's scale: a few units in the last place of each dtype.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float16: dict(atol=3e-3, rtol=3e-3),
+}
+DTYPES = list(TOLERANCES)
+# The small cases run wherever Triton can: the interpreter on CPU, or the GPU when there is one.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(torch.int32 if tensor.element_size() == 4 else torch.int16)
+
+
+def _assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    mismatches = (_bits(actual) != _bits(expected)).sum().item()
+    assert mismatches == 0, f"{mismatches} of {expected.numel()} values differ"
+
+
+def _assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = expected.double().pow(2).mean().sqrt().clamp(min=1e-30)
+    torch.testing.assert_close(actual.double() / scale, expected.double() / scale, **TOLERANCES[dtype])
+
+
+def _quantized_weight(out_features, in_features, dtype, double_quant, generator, device=DEVICE):
+    weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+    return bnb_functional.quantize_4bit(
+        weight.to(device=device, dtype=dtype), blocksize=64, compress_statistics=double_quant, quant_type="nf4"
+    )
+
+
+# ----------------------------------------------------------------------------- dequantization
+
+
+@pytest.mark.parametrize("quant_dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax_fp32", "double_quant"])
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 100), (5, 7), (1, 1), (300, 257), (64, 256)],
+    ids=["blocks_straddle_rows", "odd_element_count", "one_element", "not_multiple_of_64x256", "aligned"],
+)
+def test_dequantize_nf4_equals_bitsandbytes_bit_for_bit(shape, quant_dtype, double_quant):
+    generator = torch.Generator().manual_seed(0)
+    packed, quant_state = _quantized_weight(*shape, quant_dtype, double_quant, generator)
+    expected = bnb_functional.dequantize_4bit(packed, quant_state)
+    _assert_same_bits(dequantize_nf4(packed, quant_state), expected)
+    _assert_same_bits(dequantize_nf4_reference(packed, quant_state), expected)
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 4096])
+def test_dequantize_nf4_equals_bitsandbytes_for_other_blocksizes(blocksize):
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(70, 130, generator=generator).to(DEVICE, torch.bfloat16)
+    packed, quant_state = bnb_functional.quantize_4bit(
+        weight, blocksize=blocksize, compress_statistics=True, quant_type="nf4"
+    )
+    _assert_same_bits(dequantize_nf4(packed, quant_state), bnb_functional.dequantize_4bit(packed, quant_state))
+
+
+@pytest.mark.parametrize("quant_dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=_dtype_id)
+def test_dequantize_nf4_into_another_dtype_equals_bitsandbytes_then_cast(quant_dtype, out_dtype):
+    generator = torch.Generator().manual_seed(1)
+    packed, quant_state = _quantized_weight(33, 130, quant_dtype, True, generator)
+    expected = bnb_functional.dequantize_4bit(packed, quant_state).to(out_dtype)
+    _assert_same_bits(dequantize_nf4(packed, quant_state, dtype=out_dtype), expected)
+
+
+# ----------------------------------------------------------------------------- the linear layer
+
+
+def _random_layer(out_features, in_features, rank, dtype, with_bias, generator, device=DEVICE):
+    packed, quant_state = _quantized_weight(out_features, in_features, dtype, True, generator, device)
+    lora_A = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+    lora_B = torch.randn(out_features, rank, generator=generator) / rank**0.5  # not zero, unlike LoRA's init
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    to = dict(device=device, dtype=dtype)
+    return packed, quant_state, lora_A.to(**to), lora_B.to(**to), None if bias is None else bias.to(**to)
+
+
+def _forward_and_grads(fn, x, lora_A, lora_B, grad_out, **kwargs):
+    x, lora_A, lora_B = (t.detach().clone().requires_grad_(True) for t in (x, lora_A, lora_B))
+    out = fn(x, lora_A=lora_A, lora_B=lora_B, **kwargs)
+    out.backward(grad_out.to(out.dtype))
+    return out, x.grad, lora_A.grad, lora_B.grad
+
+
+def _check_against_float64_reference(x_shape, out_features, rank, dtype, with_bias, device=DEVICE, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    in_features = x_shape[-1]
+    packed, quant_state, lora_A, lora_B, bias = _random_layer(
+        out_features, in_features, rank, dtype, with_bias, generator, device
+    )
+    x = torch.randn(x_shape, generator=generator).to(device=device, dtype=dtype)
+    grad_out = torch.randn(*x_shape[:-1], out_features, generator=generator).to(device)
+    scaling = 2.0 if rank > 1 else 0.3  # PEFT's alpha / r, and one that is not a power of two
+    common = dict(weight4bit=packed, quant_state=quant_state, scaling=scaling)
+
+    actual = _forward_and_grads(qlora_linear, x, lora_A, lora_B, grad_out, bias=bias, **common)
+    f64 = torch.float64
+    expected = _forward_and_grads(
+        qlora_linear_reference, x.to(f64), lora_A.to(f64), lora_B.to(f64), grad_out.to(f64),
+        bias=None if bias is None else bias.to(f64), **common,
+    )
+    for name, a, e in zip(["out", "grad_x", "grad_A", "grad_B"], actual, expected):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        _assert_close_at_scale(a, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("rank", [1, 8])
+@pytest.mark.parametrize(
+    "x_shape, out_features",
+    [((1, 64), 32), ((2, 3, 100), 48)],
+    ids=["one_row", "3d_input_width_100_two_programs"],
+)
+def test_qlora_linear_matches_float64_reference_forward_and_backward(x_shape, out_features, rank, with_bias, dtype):
+    _check_against_float64_reference(x_shape, out_features, rank, dtype, with_bias)
+
+
+def test_only_lora_grads_when_input_is_frozen():
+    generator = torch.Generator().manual_seed(2)
+    packed, quant_state, lora_A, lora_B, _ = _random_layer(40, 70, 4, torch.float32, False, generator)
+    x = torch.randn(5, 70, generator=generator).to(DEVICE)
+    lora_A.requires_grad_(True)
+    lora_B.requires_grad_(True)
+    qlora_linear(x, packed, quant_state, lora_A, lora_B, 2.0).sum().backward()
+    expected_A, expected_B = lora_A.detach().clone().requires_grad_(), lora_B.detach().clone().requires_grad_()
+    qlora_linear_reference(x, packed, quant_state, expected_A, expected_B, 2.0).sum().backward()
+    torch.testing.assert_close(lora_A.grad, expected_A.grad, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(lora_B.grad, expected_B.grad, **TOLERANCES[torch.float32])
+
+
+def test_no_dequantized_weight_is_kept_for_backward():
+    generator = torch.Generator().manual_seed(3)
+    packed, quant_state, lora_A, lora_B, _ = _random_layer(48, 80, 4, torch.bfloat16, False, generator)
+    x = torch.randn(6, 80, generator=generator).to(DEVICE, torch.bfloat16).requires_grad_(True)
+    saved_shapes = []
+
+    def pack(tensor):
+        saved_shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        qlora_linear(x, packed, quant_state, lora_A.requires_grad_(True), lora_B.requires_grad_(True), 2.0)
+    assert saved_shapes and (48, 80) not in saved_shapes
+
+
+# ----------------------------------------------------------------------------- PEFT on bitsandbytes
+
+
+class _TinyBlock(torch.nn.Module):
+    def __init__(self, in_features, out_features, dtype):
+        super().__init__()
+        self.proj = bnb.nn.Linear4bit(
+            in_features, out_features, bias=True, compute_dtype=dtype, quant_type="nf4", compress_statistics=True
+        )
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_lora_layer(in_features, out_features, dtype, generator):
+    peft = pytest.importorskip("peft")
+    block = _TinyBlock(in_features, out_features, dtype)
+    with torch.no_grad():
+        block.proj.weight.data.copy_(torch.randn(out_features, in_features, generator=generator) / in_features**0.5)
+        block.proj.bias.copy_(torch.randn(out_features, generator=generator))
+    block = block.to(DEVICE)  # quantizes the weight
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["proj"])
+    layer = peft.get_peft_model(block, config).base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(torch.randn(8, in_features, generator=generator) / in_features**0.5)
+        layer.lora_B["default"].weight.copy_(torch.randn(out_features, 8, generator=generator) / 8**0.5)
+    layer.lora_A["default"].to(dtype)
+    layer.lora_B["default"].to(dtype)
+    layer.base_layer.bias.data = layer.base_layer.bias.data.to(dtype)
+    return layer.train()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+def test_qlora_linear_and_its_reference_equal_peft_lora_on_bitsandbytes_linear4bit(dtype):
+    generator = torch.Generator().manual_seed(4)
+    layer = _peft_lora_layer(96, 80, dtype, generator)
+    weight, lora_A, lora_B = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(2, 5, 96, generator=generator).to(DEVICE, dtype).requires_grad_(True)
+    grad_out = torch.randn(2, 5, 80, generator=generator).to(DEVICE, dtype)
+
+    expected = layer(x)
+    expected.backward(grad_out)
+    expected_grads = [t.grad.clone() for t in (x, lora_A, lora_B)]
+
+    for op in (qlora_linear, qlora_linear_reference):
+        inputs = [t.detach().clone().requires_grad_(True) for t in (x, lora_A, lora_B)]
+        scaling = layer.scaling["default"]
+        out = op(inputs[0], weight, weight.quant_state, inputs[1], inputs[2], scaling, bias=layer.base_layer.bias)
+        out.backward(grad_out)
+        _assert_close_at_scale(out, expected, dtype)
+        for actual, wanted in zip([t.grad for t in inputs], expected_grads):
+            _assert_close_at_scale(actual, wanted, dtype)
+
+
+# ----------------------------------------------------------------------------- real size
+
+
+@pytest.mark.gpu
+def test_qlora_linear_at_mlp_size_on_cuda():
+    generator = torch.Generator().manual_seed(5)
+    packed, quant_state = _quantized_weight(14336, 4096, torch.bfloat16, True, generator, device="cuda")
+    _assert_same_bits(dequantize_nf4(packed, quant_state), bnb_functional.dequantize_4bit(packed, quant_state))
+    _check_against_float64_reference((4096, 4096), 14336, 16, torch.bfloat16, True, device="cuda", seed=5)

@@ -1,0 +1,151 @@
+"""SwiGLU (``silu(gate) * up``): the Triton op against its float64 reference, and the reference against
+Hugging Face's LlamaMLP."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlm.kernels.swiglu import BLOCK_SIZE, swiglu, swiglu_reference
+
+# The op computes in fp32 and rounds once to the input dtype: one machine epsilon of relative slack per
+# dtype (round-to-nearest on a GPU needs half of it; Triton's interpreter truncates fp32 -> bf16 and needs
+# all of it), and an absolute floor for results near zero, where fp32 cancellation (silu'(g) vanishes
+# at g = -1.28) dominates.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.bfloat16: dict(atol=1e-3, rtol=2.0**-7),
+    torch.float16: dict(atol=1e-4, rtol=2.0**-10),
+}
+DTYPES = list(TOLERANCES)
+# One row; a width that is no power of two; more elements than one block (with a ragged tail).
+SHAPES = [(1, 1, 7), (3, 5, 100), (2, 1000)]
+
+# The interpreter's numpy sigmoid overflows exp(-g) to inf for very negative g, which still yields 0.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+
+def make_inputs(shape, dtype, device="cpu", seed=0):
+    """gate spread wide enough to reach silu's saturated tails; up of unit scale."""
+    generator = torch.Generator().manual_seed(seed)
+    gate = 3.0 * torch.randn(shape, generator=generator)
+    up = torch.randn(shape, generator=generator)
+    return gate.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype)
+
+
+def float64_reference_with_grads(gate, up, grad_out):
+    gate64 = gate.detach().double().requires_grad_()
+    up64 = up.detach().double().requires_grad_()
+    out64 = swiglu_reference(gate64, up64)
+    out64.backward(grad_out.double())
+    return out64.detach(), gate64.grad, up64.grad
+
+
+def assert_matches_float64_reference(shape, dtype, device):
+    gate, up = make_inputs(shape, dtype, device)
+    gate.requires_grad_()
+    up.requires_grad_()
+    out = swiglu(gate, up)
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    out.backward(grad_out)
+    expected_out, expected_grad_gate, expected_grad_up = float64_reference_with_grads(gate, up, grad_out)
+
+    assert out.dtype == dtype and out.shape == gate.shape
+    assert gate.grad.dtype == dtype and up.grad.dtype == dtype
+    torch.testing.assert_close(out.double(), expected_out, **TOLERANCES[dtype])
+    torch.testing.assert_close(gate.grad.double(), expected_grad_gate, **TOLERANCES[dtype])
+    torch.testing.assert_close(up.grad.double(), expected_grad_up, **TOLERANCES[dtype])
+
+
+def test_shapes_include_one_wider_than_a_block():
+    assert any(torch.Size(shape).numel() > BLOCK_SIZE for shape in SHAPES)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_and_backward_match_float64_reference(shape, dtype):
+    assert_matches_float64_reference(shape, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_is_silu_times_up_in_the_tensor_dtype(dtype):
+    gate, up = make_inputs((3, 5, 100), dtype)
+    assert torch.equal(swiglu_reference(gate, up), F.silu(gate) * up)
+
+
+def test_halves_of_a_fused_gate_up_projection_need_not_be_contiguous():
+    fused = torch.randn(4, 2 * 300, generator=torch.Generator().manual_seed(2))
+    gate, up = fused.chunk(2, dim=-1)
+    assert not gate.is_contiguous()
+    torch.testing.assert_close(swiglu(gate, up), swiglu_reference(gate, up), **TOLERANCES[torch.float32])
+
+
+def test_only_inputs_that_require_grad_get_one():
+    gate, up = make_inputs((2, 1000), torch.float32)
+    gate.requires_grad_()
+    swiglu(gate, up).sum().backward()
+    gate64 = gate.detach().double().requires_grad_()
+    swiglu_reference(gate64, up.double()).sum().backward()
+    assert up.grad is None
+    torch.testing.assert_close(gate.grad.double(), gate64.grad, **TOLERANCES[torch.float32])
+
+
+def test_mismatched_gate_and_up_are_rejected():
+    gate, up = make_inputs((2, 8), torch.float32)
+    with pytest.raises(ValueError):
+        swiglu(gate, up[:, :4])
+    with pytest.raises(ValueError):
+        swiglu(gate, up.half())
+
+
+def test_empty_input_gives_empty_output():
+    gate, up = make_inputs((0, 16), torch.float32)
+    assert swiglu(gate, up).shape == (0, 16)
+
+
+def tiny_llama_mlp():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    return LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=88, hidden_act="silu"))
+
+
+def swiglu_mlp_forward(mlp, x):
+    return mlp.down_proj(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
+
+
+def test_llama_mlp_with_swiglu_matches_the_stock_module():
+    stock = tiny_llama_mlp()
+    fused = copy.deepcopy(stock)
+    fused.forward = types.MethodType(swiglu_mlp_forward, fused)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    x_stock, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+    expected, actual = stock(x_stock), fused(x_fused)
+    expected.square().sum().backward()
+    actual.square().sum().backward()
+
+    torch.testing.assert_close(actual, expected, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(x_fused.grad, x_stock.grad, **TOLERANCES[torch.float32])
+    for (name, fused_param), stock_param in zip(fused.named_parameters(), stock.parameters()):
+        torch.testing.assert_close(fused_param.grad, stock_param.grad, **TOLERANCES[torch.float32], msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_matches_the_llama_mlp_activation(dtype):
+    mlp = tiny_llama_mlp().to(dtype)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)).to(dtype)
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    assert torch.equal(swiglu_reference(gate, up), mlp.act_fn(gate) * up)
+    assert torch.equal(mlp.down_proj(swiglu_reference(gate, up)), mlp(x))
+
+
+@pytest.mark.gpu
+def test_real_size_matches_float64_reference_on_cuda():
+    # 8192 tokens x Llama-3.2-11B's intermediate size.
+    assert_matches_float64_reference((8192, 14336), torch.bfloat16, "cuda")

@@ -1,0 +1,88 @@
+"""Kernels patched into a tiny QLoRA model: the same loss and gradients as the unpatched model.
+
+The comparison runs in fp32 (compute dtype and LoRA weights), where the tolerances can be tight:
+the only differences left are the order of floating-point operations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_models import one_image_conversation
+
+from vlm.models.families import get_family
+from vlm.models.loading import load_model, load_processor
+from vlm.models.lora import LoraSettings, apply_lora
+from vlm.patching import KernelSettings, apply_kernels
+from vlm.patching.functions import unpatch_rotary
+from vlm.quant.config import QuantConfig
+
+LOSS_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+GRAD_TOLERANCE = dict(rtol=1e-3, atol=1e-5)
+ALL = KernelSettings(rms_norm=True, layer_norm=True, rope=True, swiglu=True, geglu=True, cross_entropy=True, lora=True)
+
+# What each tiny family must get patched (at least these many places).
+EXPECTED = {
+    "qwen2_5_vl": {"rms_norm": 6, "swiglu": 4, "rope": 1, "cross_entropy": 1, "lora": 14},
+    "mllama": {"rms_norm": 6, "layer_norm": 4, "swiglu": 3, "rope": 1, "cross_entropy": 1, "lora": 21},
+}
+
+
+def qlora_model(model_type: str, path: str):
+    family = get_family(model_type)
+    model, _ = load_model(path, family, QuantConfig(compute_dtype="float32"))
+    torch.manual_seed(0)
+    model = apply_lora(model, family, LoraSettings(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # fresh LoRA B is zero: the gradient of A would be zero and prove nothing
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    return model
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.fixture(autouse=True)
+def restore_rotary():
+    yield
+    unpatch_rotary()
+
+
+@pytest.mark.parametrize("model_type", sorted(EXPECTED))
+def test_patched_model_has_the_same_loss_and_gradients(model_type, tiny_checkpoint, one_cpu_thread):
+    path = tiny_checkpoint(model_type)
+    processor = load_processor(path, get_family(model_type))
+    batch = one_image_conversation(processor)
+
+    model = qlora_model(model_type, path)
+    reference_loss, reference_grads = loss_and_grads(model, batch)
+    report = apply_kernels(model, ALL)
+    for kernel, at_least in EXPECTED[model_type].items():
+        assert report.patched[kernel] >= at_least, report.summary()
+    loss, grads = loss_and_grads(model, batch)
+
+    torch.testing.assert_close(loss, reference_loss, **LOSS_TOLERANCE)
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], **GRAD_TOLERANCE, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_each_kernel_switches_on_alone(tiny_checkpoint):
+    model = qlora_model("qwen2_5_vl", tiny_checkpoint("qwen2_5_vl"))
+    report = apply_kernels(model, KernelSettings(rms_norm=True))
+    assert set(report.patched) == {"rms_norm"}
+    assert apply_kernels(model, KernelSettings()).patched == {}
+
+
+def test_lora_dropout_keeps_peft_forward(tiny_checkpoint):
+    family = get_family("qwen2_5_vl")
+    model, _ = load_model(tiny_checkpoint("qwen2_5_vl"), family, QuantConfig(compute_dtype="float32"))
+    model = apply_lora(model, family, LoraSettings(r=4, alpha=8, dropout=0.1))
+    report = apply_kernels(model, KernelSettings(lora=True))
+    assert report.patched["lora"] == 0 and report.skipped["lora: dropout, several adapters or a variant"] == 14
