@@ -136,8 +136,9 @@ def cases(tokens: int, device: str, dtype: torch.dtype, sizes: dict) -> list[Cas
     def ce_inputs():
         labels = torch.randint(0, vocab, (tokens,), device=device)
         labels[: tokens // 4] = -100
+        # The output head is frozen in QLoRA: only the hidden states need a gradient.
         return [_randn(tokens, h, dtype=dtype, device=device),
-                _randn(vocab, h, dtype=dtype, device=device, scale=0.02), labels]
+                _randn(vocab, h, dtype=dtype, device=device, scale=0.02, grad=False), labels]
 
     liger_flce = _liger("fused_linear_cross_entropy")
     impls = {
