@@ -17,6 +17,8 @@ from vlm.patching import KernelSettings, apply_kernels
 from vlm.patching.functions import unpatch_rotary
 from vlm.quant.config import QuantConfig
 
+# Triton runs CUDA tensors, or CPU tensors in its interpreter (set by conftest without a GPU).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOSS_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 GRAD_TOLERANCE = dict(rtol=1e-3, atol=1e-5)
 ALL = KernelSettings(rms_norm=True, layer_norm=True, rope=True, swiglu=True, geglu=True, cross_entropy=True, lora=True)
@@ -30,7 +32,7 @@ EXPECTED = {
 
 def qlora_model(model_type: str, path: str):
     family = get_family(model_type)
-    model, _ = load_model(path, family, QuantConfig(compute_dtype="float32"))
+    model, _ = load_model(path, family, QuantConfig(compute_dtype="float32"), device=DEVICE)
     torch.manual_seed(0)
     model = apply_lora(model, family, LoraSettings(r=4, alpha=8, dropout=0.0))
     with torch.no_grad():  # fresh LoRA B is zero: the gradient of A would be zero and prove nothing
@@ -58,7 +60,7 @@ def restore_rotary():
 def test_patched_model_has_the_same_loss_and_gradients(model_type, tiny_checkpoint, one_cpu_thread):
     path = tiny_checkpoint(model_type)
     processor = load_processor(path, get_family(model_type))
-    batch = one_image_conversation(processor)
+    batch = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in one_image_conversation(processor).items()}
 
     model = qlora_model(model_type, path)
     reference_loss, reference_grads = loss_and_grads(model, batch)
@@ -82,7 +84,7 @@ def test_each_kernel_switches_on_alone(tiny_checkpoint):
 
 def test_lora_dropout_keeps_peft_forward(tiny_checkpoint):
     family = get_family("qwen2_5_vl")
-    model, _ = load_model(tiny_checkpoint("qwen2_5_vl"), family, QuantConfig(compute_dtype="float32"))
+    model, _ = load_model(tiny_checkpoint("qwen2_5_vl"), family, QuantConfig(compute_dtype="float32"), device=DEVICE)
     model = apply_lora(model, family, LoraSettings(r=4, alpha=8, dropout=0.1))
     report = apply_kernels(model, KernelSettings(lora=True))
     assert report.patched["lora"] == 0 and report.skipped["lora: dropout, several adapters or a variant"] == 14

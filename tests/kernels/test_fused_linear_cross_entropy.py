@@ -23,6 +23,8 @@ TOLERANCES = {
 DTYPES = list(TOLERANCES)
 IGNORE = -100
 LLAMA3_VOCAB = 128256
+# The small cases run wherever Triton can: the interpreter on CPU, or the GPU when there is one.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def assert_matches(actual, expected, dtype):
@@ -33,7 +35,7 @@ def assert_matches(actual, expected, dtype):
     )
 
 
-def make_inputs(num_tokens, hidden_size, vocab_size, dtype, *, with_bias=True, ignore_every=4, seed=0, device="cpu"):
+def make_inputs(num_tokens, hidden_size, vocab_size, dtype, *, with_bias=True, ignore_every=4, seed=0, device=DEVICE):
     """Random hidden [N, H], weight [V, H] with logits of order 1, bias [V], labels with every
     ``ignore_every``-th token ignored."""
     generator = torch.Generator().manual_seed(seed)
@@ -101,7 +103,7 @@ def test_llama3_vocab_with_few_tokens_matches_reference(dtype):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_all_labels_ignored_gives_zero_loss_and_zero_grads_without_nan(dtype, reduction):
     inputs = make_inputs(6, 16, 50, dtype)
-    inputs["labels"] = torch.full((6,), IGNORE)
+    inputs["labels"] = torch.full((6,), IGNORE).to(DEVICE)
     loss, grads = loss_and_grads(fused_linear_cross_entropy, inputs, reduction=reduction)
     assert loss.item() == 0.0
     for name, grad in grads.items():
@@ -120,7 +122,12 @@ def test_extreme_logits_stay_finite_and_correct(dtype, logit_step):
     weight = torch.randint(-3, 4, (vocab_size, hidden_size), generator=generator)
     labels = torch.randint(0, vocab_size, (num_tokens,), generator=generator)
     labels[::5] = IGNORE
-    inputs = dict(hidden=hidden.to(dtype), weight=weight.to(dtype), bias=None, labels=labels)
+    inputs = dict(
+        hidden=hidden.to(device=DEVICE, dtype=dtype),
+        weight=weight.to(device=DEVICE, dtype=dtype),
+        bias=None,
+        labels=labels.to(DEVICE),
+    )
     logits = hidden.double() @ weight.double().T
     assert logits.abs().max() > (1000 if logit_step == 64 else 60)
 
@@ -200,9 +207,9 @@ def test_reference_matches_hugging_face_causal_lm_loss():
         vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
     )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval().to(DEVICE)
     generator = torch.Generator().manual_seed(2)
-    input_ids = torch.randint(0, 300, (2, 9), generator=generator)
+    input_ids = torch.randint(0, 300, (2, 9), generator=generator).to(DEVICE)
     labels = input_ids.clone()
     labels[:, :3] = IGNORE
     with torch.no_grad():

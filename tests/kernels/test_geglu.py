@@ -25,6 +25,8 @@ DTYPES = list(TOLERANCES)
 APPROXIMATIONS = ["tanh", "none"]
 # One row; a width that is no power of two; more elements than one block (with a ragged tail).
 SHAPES = [(1, 1, 7), (3, 5, 100), (2, 1000)]
+# The small cases run wherever Triton can: the interpreter on CPU, or the GPU when there is one.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Hugging Face's ACT2FN names of the two GELUs.
 HF_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}
 
@@ -32,7 +34,7 @@ HF_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 
-def make_inputs(shape, dtype, device="cpu", seed=0):
+def make_inputs(shape, dtype, device=DEVICE, seed=0):
     """gate spread wide enough to reach gelu's saturated tails; up of unit scale."""
     generator = torch.Generator().manual_seed(seed)
     gate = 3.0 * torch.randn(shape, generator=generator)
@@ -72,7 +74,7 @@ def test_shapes_include_one_wider_than_a_block():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_and_backward_match_float64_reference(shape, dtype, approximate):
-    assert_matches_float64_reference(shape, dtype, approximate, "cpu")
+    assert_matches_float64_reference(shape, dtype, approximate, DEVICE)
 
 
 def test_tanh_is_the_default_approximation():
@@ -98,7 +100,7 @@ def test_reference_is_gelu_times_up_in_the_tensor_dtype(dtype, approximate):
 
 
 def test_halves_of_a_fused_gate_up_projection_need_not_be_contiguous():
-    fused = torch.randn(4, 2 * 300, generator=torch.Generator().manual_seed(2))
+    fused = torch.randn(4, 2 * 300, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     gate, up = fused.chunk(2, dim=-1)
     assert not gate.is_contiguous()
     torch.testing.assert_close(geglu(gate, up), geglu_reference(gate, up), **TOLERANCES[torch.float32])
@@ -142,7 +144,7 @@ def tiny_gelu_mlp(approximate):
     else:
         mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=88, hidden_act="gelu"))
     assert mlp.act_fn.__class__.__name__ == {"tanh": "GELUTanh", "none": "GELUActivation"}[approximate]
-    return mlp
+    return mlp.to(DEVICE)
 
 
 def geglu_mlp_forward(mlp, x, approximate):
@@ -154,7 +156,7 @@ def test_mlp_with_geglu_matches_the_stock_module(approximate):
     stock = tiny_gelu_mlp(approximate)
     fused = copy.deepcopy(stock)
     fused.forward = types.MethodType(lambda mlp, x: geglu_mlp_forward(mlp, x, approximate), fused)
-    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     x_stock, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
 
     expected, actual = stock(x_stock), fused(x_fused)
@@ -171,7 +173,7 @@ def test_mlp_with_geglu_matches_the_stock_module(approximate):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reference_matches_the_mlp_activation(dtype, approximate):
     mlp = tiny_gelu_mlp(approximate).to(dtype)
-    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)).to(dtype)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)).to(device=DEVICE, dtype=dtype)
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     assert torch.equal(mlp.down_proj(geglu_reference(gate, up, approximate)), mlp(x))
 

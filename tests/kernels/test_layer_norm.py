@@ -17,6 +17,8 @@ TOLERANCES = {
     torch.float16: dict(atol=1e-3, rtol=1.25e-3),
 }
 DTYPES = list(TOLERANCES)
+# The small cases run wherever Triton can: the interpreter on CPU, or the GPU when there is one.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _summed_over_rows(tolerance: dict, n_rows: int) -> dict:
@@ -27,7 +29,7 @@ def _summed_over_rows(tolerance: dict, n_rows: int) -> dict:
 EPS = 1e-5
 
 
-def _inputs(shape, width, dtype, param_dtype, device, seed=0):
+def _inputs(shape, width, dtype, param_dtype, device=DEVICE, seed=0):
     generator = torch.Generator().manual_seed(seed)
     x = 1.0 + 2.0 * torch.randn(*shape, width, generator=generator)  # a non-zero mean to subtract
     weight = 1.0 + 0.5 * torch.randn(width, generator=generator)
@@ -36,7 +38,7 @@ def _inputs(shape, width, dtype, param_dtype, device, seed=0):
     return x.to(device=device, dtype=dtype), weight.to(**to), bias.to(**to), generator
 
 
-def _assert_matches_float64_reference(shape, width, dtype, param_dtype=None, device="cpu", params_require_grad=True):
+def _assert_matches_float64_reference(shape, width, dtype, param_dtype=None, device=DEVICE, params_require_grad=True):
     param_dtype = param_dtype or dtype
     x, weight, bias, generator = _inputs(shape, width, dtype, param_dtype, device)
     leaves = [x.requires_grad_(True), weight.requires_grad_(params_require_grad), bias.requires_grad_(params_require_grad)]
@@ -74,11 +76,11 @@ def test_any_leading_shape_is_normalized_over_the_last_dimension(dtype):
 
 def test_non_contiguous_input_matches_reference():
     generator = torch.Generator().manual_seed(1)
-    x = (1.0 + torch.randn(100, 5, generator=generator)).t().requires_grad_(True)  # 5 rows of width 100
-    weight = (1.0 + 0.5 * torch.randn(100, generator=generator)).requires_grad_(True)
-    bias = (0.5 * torch.randn(100, generator=generator)).requires_grad_(True)
+    x = (1.0 + torch.randn(100, 5, generator=generator)).to(DEVICE).t().requires_grad_(True)  # 5 rows of width 100
+    weight = (1.0 + 0.5 * torch.randn(100, generator=generator)).to(DEVICE).requires_grad_(True)
+    bias = (0.5 * torch.randn(100, generator=generator)).to(DEVICE).requires_grad_(True)
     leaves64 = [t.detach().double().requires_grad_(True) for t in (x, weight, bias)]
-    grad_out = torch.randn(5, 100, generator=generator)
+    grad_out = torch.randn(5, 100, generator=generator).to(DEVICE)
 
     out = layer_norm(x, weight, bias, EPS)
     expected = layer_norm_reference(*leaves64, EPS)
@@ -103,8 +105,8 @@ def test_frozen_params_still_give_input_grad(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_reference_matches_torch_layer_norm_module(dtype):
-    x, weight, bias, _ = _inputs((2, 5), 64, dtype, dtype, "cpu")
-    module = torch.nn.LayerNorm(64, eps=EPS).to(dtype)
+    x, weight, bias, _ = _inputs((2, 5), 64, dtype, dtype, DEVICE)
+    module = torch.nn.LayerNorm(64, eps=EPS).to(device=DEVICE, dtype=dtype)
     with torch.no_grad():
         module.weight.copy_(weight)
         module.bias.copy_(bias)

@@ -17,6 +17,8 @@ TOLERANCES = {
     torch.float16: dict(atol=1e-3, rtol=1.25e-3),
 }
 DTYPES = list(TOLERANCES)
+# The small cases run wherever Triton can: the interpreter on CPU, or the GPU when there is one.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _summed_over_rows(tolerance: dict, n_rows: int) -> dict:
@@ -27,14 +29,14 @@ def _summed_over_rows(tolerance: dict, n_rows: int) -> dict:
 EPS = 1e-6
 
 
-def _inputs(shape, width, dtype, weight_dtype, device, seed=0):
+def _inputs(shape, width, dtype, weight_dtype, device=DEVICE, seed=0):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, width, generator=generator)
     weight = 1.0 + 0.5 * torch.randn(width, generator=generator)
     return x.to(device=device, dtype=dtype), weight.to(device=device, dtype=weight_dtype), generator
 
 
-def _assert_matches_float64_reference(shape, width, dtype, weight_dtype=None, device="cpu", weight_requires_grad=True):
+def _assert_matches_float64_reference(shape, width, dtype, weight_dtype=None, device=DEVICE, weight_requires_grad=True):
     weight_dtype = weight_dtype or dtype
     x, weight, generator = _inputs(shape, width, dtype, weight_dtype, device)
     x.requires_grad_(True)
@@ -73,10 +75,11 @@ def test_any_leading_shape_is_normalized_over_the_last_dimension(dtype):
 
 def test_non_contiguous_input_matches_reference():
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(100, 5, generator=generator).t().requires_grad_(True)  # 5 rows of width 100, row stride 1
-    weight = (1.0 + 0.5 * torch.randn(100, generator=generator)).requires_grad_(True)
+    # 5 rows of width 100, row stride 1
+    x = torch.randn(100, 5, generator=generator).to(DEVICE).t().requires_grad_(True)
+    weight = (1.0 + 0.5 * torch.randn(100, generator=generator)).to(DEVICE).requires_grad_(True)
     x64, weight64 = x.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
-    grad_out = torch.randn(5, 100, generator=generator)
+    grad_out = torch.randn(5, 100, generator=generator).to(DEVICE)
 
     out = rms_norm(x, weight, EPS)
     expected = rms_norm_reference(x64, weight64, EPS)
@@ -94,7 +97,7 @@ def test_fp32_weight_with_half_input_promotes_output_to_fp32(dtype):
 
 
 def test_bf16_output_is_within_one_ulp_of_the_reference_run_in_bf16():
-    x, weight, _ = _inputs((33,), 1000, torch.bfloat16, torch.bfloat16, "cpu")
+    x, weight, _ = _inputs((33,), 1000, torch.bfloat16, torch.bfloat16, DEVICE)
     out = rms_norm(x, weight, EPS)
     expected = rms_norm_reference(x, weight, EPS)
     # Same roundings in the same order; only fp32 sum order and rsqrt may flip a rounding.
@@ -111,8 +114,8 @@ def test_frozen_weight_still_gives_input_grad(dtype):
 def test_reference_matches_hugging_face_llama_rms_norm(dtype):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    x, weight, _ = _inputs((2, 5), 64, dtype, dtype, "cpu")
-    module = LlamaRMSNorm(64, eps=EPS).to(dtype)
+    x, weight, _ = _inputs((2, 5), 64, dtype, dtype, DEVICE)
+    module = LlamaRMSNorm(64, eps=EPS).to(device=DEVICE, dtype=dtype)
     with torch.no_grad():
         module.weight.copy_(weight)
         torch.testing.assert_close(rms_norm_reference(x, weight, EPS), module(x), rtol=0, atol=0)

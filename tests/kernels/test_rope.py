@@ -22,6 +22,8 @@ TOLERANCES = {
     torch.float16: dict(atol=1e-5, rtol=2**-10),
 }
 DTYPES = list(TOLERANCES)
+# The small cases run wherever Triton can: the interpreter on CPU, or the GPU when there is one.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _random_qk(batch, q_heads, k_heads, seq, head_dim, dtype, device, generator):
@@ -54,14 +56,14 @@ def _assert_kernel_matches_float64_reference(kernel, reference, q, k, cos, sin, 
         torch.testing.assert_close(actual.double(), expected, **tolerance)
 
 
-def _check_standard(batch, q_heads, k_heads, seq, head_dim, dtype, device="cpu", cos_batch=None):
+def _check_standard(batch, q_heads, k_heads, seq, head_dim, dtype, device=DEVICE, cos_batch=None):
     generator = torch.Generator().manual_seed(0)
     q, k = _random_qk(batch, q_heads, k_heads, seq, head_dim, dtype, device, generator)
     cos, sin = _random_cos_sin((batch if cos_batch is None else cos_batch,), seq, head_dim, dtype, device, generator)
     _assert_kernel_matches_float64_reference(apply_rotary, apply_rotary_reference, q, k, cos, sin, generator)
 
 
-def _check_multimodal(batch, q_heads, k_heads, seq, head_dim, section, dtype, device="cpu"):
+def _check_multimodal(batch, q_heads, k_heads, seq, head_dim, section, dtype, device=DEVICE):
     generator = torch.Generator().manual_seed(0)
     q, k = _random_qk(batch, q_heads, k_heads, seq, head_dim, dtype, device, generator)
     cos, sin = _random_cos_sin((3, batch), seq, head_dim, dtype, device, generator)
@@ -83,7 +85,7 @@ def _tiny_llama_cos_sin(head_dim, position_ids, dtype):
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     config = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim)
-    return LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=dtype), position_ids)
+    return LlamaRotaryEmbedding(config).to(DEVICE)(torch.zeros(1, dtype=dtype, device=DEVICE), position_ids)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -91,8 +93,8 @@ def test_reference_is_hugging_face_apply_rotary_pos_emb(dtype):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     generator = torch.Generator().manual_seed(0)
-    q, k = _random_qk(2, 4, 2, 9, 64, dtype, "cpu", generator)
-    position_ids = torch.randint(0, 4096, (2, 9), generator=generator)
+    q, k = _random_qk(2, 4, 2, 9, 64, dtype, DEVICE, generator)
+    position_ids = torch.randint(0, 4096, (2, 9), generator=generator).to(DEVICE)
     cos, sin = _tiny_llama_cos_sin(64, position_ids, dtype)
 
     for actual, expected in zip(apply_rotary_reference(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
@@ -107,7 +109,7 @@ def _tiny_qwen2_vl_rotary(head_dim, section):
     config = Qwen2VLTextConfig(
         hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2, rope_parameters=rope_parameters
     )
-    return Qwen2VLRotaryEmbedding(config)
+    return Qwen2VLRotaryEmbedding(config).to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -119,9 +121,9 @@ def test_multimodal_reference_is_hugging_face_qwen2_vl_rope(dtype):
     head_dim, section = 32, [4, 6, 6]
     rotary = _tiny_qwen2_vl_rotary(head_dim, section)
     generator = torch.Generator().manual_seed(0)
-    q, k = _random_qk(2, 4, 2, 9, head_dim, dtype, "cpu", generator)
-    position_ids = torch.randint(0, 4096, (3, 2, 9), generator=generator)  # temporal, height, width differ
-    hf_cos, hf_sin = rotary(torch.zeros(1, dtype=dtype), position_ids)
+    q, k = _random_qk(2, 4, 2, 9, head_dim, dtype, DEVICE, generator)
+    position_ids = torch.randint(0, 4096, (3, 2, 9), generator=generator).to(DEVICE)  # temporal, height, width differ
+    hf_cos, hf_sin = rotary(torch.zeros(1, dtype=dtype, device=DEVICE), position_ids)
 
     freqs = position_ids[..., None].float() * rotary.inv_freq
     angle = torch.cat([freqs, freqs], dim=-1)
@@ -174,9 +176,9 @@ def test_cos_sin_shared_across_the_batch_are_broadcast():
 def test_hugging_face_transposed_q_and_k_layout_is_read_in_place(dtype):
     """HF passes q/k as [B, S, H, D] memory viewed as [B, H, S, D]; the result keeps that layout."""
     generator = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 6, 4, 64, generator=generator).to(dtype).transpose(1, 2)
-    k = torch.randn(2, 6, 2, 64, generator=generator).to(dtype).transpose(1, 2)
-    cos, sin = _random_cos_sin((2,), 6, 64, dtype, "cpu", generator)
+    q = torch.randn(2, 6, 4, 64, generator=generator).to(device=DEVICE, dtype=dtype).transpose(1, 2)
+    k = torch.randn(2, 6, 2, 64, generator=generator).to(device=DEVICE, dtype=dtype).transpose(1, 2)
+    cos, sin = _random_cos_sin((2,), 6, 64, dtype, DEVICE, generator)
     q_out, _ = apply_rotary(q, k, cos, sin)
     assert q_out.stride() == q.stride()
     _assert_kernel_matches_float64_reference(apply_rotary, apply_rotary_reference, q, k, cos, sin, generator)
@@ -191,8 +193,8 @@ def test_heads_split_over_several_programs(monkeypatch):
 
 def test_cos_and_sin_get_no_gradient():
     generator = torch.Generator().manual_seed(0)
-    q, k = _random_qk(1, 2, 1, 3, 64, torch.float32, "cpu", generator)
-    cos, sin = (t.requires_grad_(True) for t in _random_cos_sin((1,), 3, 64, torch.float32, "cpu", generator))
+    q, k = _random_qk(1, 2, 1, 3, 64, torch.float32, DEVICE, generator)
+    cos, sin = (t.requires_grad_(True) for t in _random_cos_sin((1,), 3, 64, torch.float32, DEVICE, generator))
     q_out, k_out = apply_rotary(q.requires_grad_(True), k, cos, sin)
     (q_out.sum() + k_out.sum()).backward()
     assert q.grad is not None and cos.grad is None and sin.grad is None
@@ -200,8 +202,8 @@ def test_cos_and_sin_get_no_gradient():
 
 def test_mrope_section_must_cover_half_the_head_dim():
     generator = torch.Generator().manual_seed(0)
-    q, k = _random_qk(1, 2, 1, 3, 64, torch.float32, "cpu", generator)
-    cos, sin = _random_cos_sin((3, 1), 3, 64, torch.float32, "cpu", generator)
+    q, k = _random_qk(1, 2, 1, 3, 64, torch.float32, DEVICE, generator)
+    cos, sin = _random_cos_sin((3, 1), 3, 64, torch.float32, DEVICE, generator)
     with pytest.raises(ValueError, match="mrope_section"):
         apply_multimodal_rotary(q, k, cos, sin, [16, 24, 24])
 

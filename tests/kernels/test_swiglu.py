@@ -24,12 +24,14 @@ TOLERANCES = {
 DTYPES = list(TOLERANCES)
 # One row; a width that is no power of two; more elements than one block (with a ragged tail).
 SHAPES = [(1, 1, 7), (3, 5, 100), (2, 1000)]
+# The small cases run wherever Triton can: the interpreter on CPU, or the GPU when there is one.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # The interpreter's numpy sigmoid overflows exp(-g) to inf for very negative g, which still yields 0.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 
-def make_inputs(shape, dtype, device="cpu", seed=0):
+def make_inputs(shape, dtype, device=DEVICE, seed=0):
     """gate spread wide enough to reach silu's saturated tails; up of unit scale."""
     generator = torch.Generator().manual_seed(seed)
     gate = 3.0 * torch.randn(shape, generator=generator)
@@ -68,7 +70,7 @@ def test_shapes_include_one_wider_than_a_block():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_and_backward_match_float64_reference(shape, dtype):
-    assert_matches_float64_reference(shape, dtype, "cpu")
+    assert_matches_float64_reference(shape, dtype, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -78,7 +80,7 @@ def test_reference_is_silu_times_up_in_the_tensor_dtype(dtype):
 
 
 def test_halves_of_a_fused_gate_up_projection_need_not_be_contiguous():
-    fused = torch.randn(4, 2 * 300, generator=torch.Generator().manual_seed(2))
+    fused = torch.randn(4, 2 * 300, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     gate, up = fused.chunk(2, dim=-1)
     assert not gate.is_contiguous()
     torch.testing.assert_close(swiglu(gate, up), swiglu_reference(gate, up), **TOLERANCES[torch.float32])
@@ -112,7 +114,7 @@ def tiny_llama_mlp():
     from transformers.models.llama.modeling_llama import LlamaMLP
 
     torch.manual_seed(0)
-    return LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=88, hidden_act="silu"))
+    return LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=88, hidden_act="silu")).to(DEVICE)
 
 
 def swiglu_mlp_forward(mlp, x):
@@ -123,7 +125,7 @@ def test_llama_mlp_with_swiglu_matches_the_stock_module():
     stock = tiny_llama_mlp()
     fused = copy.deepcopy(stock)
     fused.forward = types.MethodType(swiglu_mlp_forward, fused)
-    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     x_stock, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
 
     expected, actual = stock(x_stock), fused(x_fused)
@@ -139,7 +141,7 @@ def test_llama_mlp_with_swiglu_matches_the_stock_module():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reference_matches_the_llama_mlp_activation(dtype):
     mlp = tiny_llama_mlp().to(dtype)
-    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)).to(dtype)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4)).to(device=DEVICE, dtype=dtype)
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     assert torch.equal(swiglu_reference(gate, up), mlp.act_fn(gate) * up)
     assert torch.equal(mlp.down_proj(swiglu_reference(gate, up)), mlp(x))
