@@ -77,3 +77,13 @@ def test_the_installed_command_writes_the_report_and_exits_2_on_bad_input(tmp_pa
     bad = subprocess.run([*command, "quant=explicit", "quant.skip_modules=[visual]"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "vlm-quantize: invalid config:" in bad.stderr
+
+
+def test_a_16bit_model_too_large_for_the_gpu_skips_measuring_or_stops_dynamic_clearly(tmp_path, monkeypatch):
+    import vlm.cli.quantize as planning
+
+    monkeypatch.setattr(planning, "_memory_shortfall", lambda size, device: "it needs about 24 GiB on cuda:0, which has 20 GiB free")
+    report = quantize(compose_quantize(tmp_path, "quant=bridge_skip"))
+    assert report.layers is None and report.fidelity == {}  # trained anyway, reported without measurements
+    with pytest.raises(ConfigError, match="needs about 24 GiB.*calibration.device=cpu"):
+        quantize(compose_quantize(tmp_path, "quant=dynamic"))

@@ -28,7 +28,7 @@ from vlm.configs import config_dir, register_resolvers
 from vlm.quant.calibrate import CalibrationSettings, measure
 from vlm.quant.config import QuantConfig
 from vlm.quant.fidelity import Fidelity, fidelity, reference_log_probs
-from vlm.quant.memory import weight_memory
+from vlm.quant.memory import human_bytes, weight_memory
 from vlm.quant.policies import PolicyError, QuantPlan, matching, plan
 from vlm.quant.report import QuantReport
 from vlm.quant.selection import candidates, greedy_keep, random_keep
@@ -156,6 +156,18 @@ def plan_quantization(
         return Planning(quant_plan, report_for(quant_plan))
     if not calibration_batches:
         raise ConfigError("calibration needs at least one batch, and the calibration data gave none")
+    device = calibration.device or device
+    shortfall = _memory_shortfall(report_for(all_4bit).memory.all_16bit, device)
+    if shortfall:
+        if quant.policy == "dynamic":
+            raise ConfigError(
+                f"quant=dynamic calibrates on the 16-bit model, and {shortfall}; calibrate on the CPU with "
+                "calibration.device=cpu (slow, needs the RAM), or on a larger GPU with vlm-quantize and "
+                "choose those layers here with quant=explicit"
+            )
+        log.warning("not measuring per-layer errors (calibration.measure): %s", shortfall)
+        quant_plan = _resolve(names, family, quant)
+        return Planning(quant_plan, report_for(quant_plan))
 
     probe = LogitsProbe(device)
     sixteen_bit = QuantConfig(method="none", compute_dtype=quant.compute_dtype)
@@ -223,6 +235,17 @@ def plan_quantization(
         },
     )
     return Planning(quant_plan, report, list(heldout_batches), reference)
+
+
+def _memory_shortfall(sixteen_bit_bytes: int, device: str) -> str | None:
+    """Why the 16-bit model will not fit on ``device`` (with a fifth more for activations), or None."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    needed = int(sixteen_bit_bytes * 1.2)
+    if needed <= free:
+        return None
+    return f"it needs about {human_bytes(needed)} on {device}, which has {human_bytes(free)} free"
 
 
 def check_loaded(planning: Planning, model: nn.Module, device: str) -> Fidelity | None:

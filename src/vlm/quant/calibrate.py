@@ -40,6 +40,7 @@ class CalibrationSettings:
     """
 
     measure: bool = True
+    device: str | None = None  # where the 16-bit model is measured; None: where the model will train
     batches: int = 4
     urls: str | None = None
     fidelity_batches: int = 2
