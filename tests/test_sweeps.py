@@ -110,6 +110,20 @@ def test_the_optuna_preset_runs_trials_over_lr_rank_and_dropout(tmp_path):
     assert "Optuna's best trial" in (sweep / "summary.md").read_text()
 
 
+@pytest.mark.slow
+def test_failed_optuna_trials_are_told_to_optuna_as_failed_and_recorded(tmp_path):
+    done = multirun(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+                    "hydra.sweeper.max_failure_rate=1.0", "data.max_seq_length=1", "logger=csv")
+    # Optuna's sweeper logs each failed trial; with none completed, it then has no best trial to
+    # report and ends the sweep with that error (its own limit), so the exit code is not 0.
+    output = done.stdout + done.stderr
+    assert output.count("Failed experiment") == 2, output[-3000:]
+    assert "Values cannot be specified" not in output and done.returncode != 0
+    for job in ("0", "1"):
+        metrics = json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())
+        assert metrics["status"] == "failed" and "data.max_seq_length=1 cannot hold one image" in metrics["error"]
+
+
 def test_run_names_keep_what_the_sweep_varies(tmp_path):
     overrides = ["lora.r=8", "quant=nf4", "trainer.max_steps=4", "paths.cache_dir=/x"]
     assert run_name(overrides, "train", swept={"lora.r", "quant"}) == "lora.r=8,quant=nf4"

@@ -170,8 +170,9 @@ def run_job(cfg: DictConfig) -> float | None:
     """One job as Hydra runs it: the metric a sweeper minimizes, and every failure recorded.
 
     In a sweep a failed job (bad value, out of memory, bad data) leaves ``metrics.json`` with its
-    error and returns NaN, so the other jobs go on and the sweep report lists it; a single run
-    exits with code 2 on an invalid config and re-raises anything else after recording it.
+    error and returns None, which a sweeper such as Optuna's records as a failed trial; the other
+    jobs go on and the sweep report lists it. A single run exits with code 2 on an invalid config
+    and re-raises anything else after recording it.
     """
     try:
         summary = train(cfg)
@@ -180,13 +181,12 @@ def run_job(cfg: DictConfig) -> float | None:
         free_accelerator_memory()
         if in_multirun():
             log.error("job failed, recorded in %s: %s", Path(cfg.paths.output_dir) / "metrics.json", error)
-            return float("nan")
+            return None
         if isinstance(error, ConfigError):
             print(f"vlm-train: invalid config: {error}", file=sys.stderr)
             sys.exit(2)
         raise
-    value = summary.get(cfg.get("optimized_metric") or "final_val_loss")
-    return float("nan") if value is None else value
+    return summary.get(cfg.get("optimized_metric") or "final_val_loss")
 
 
 def _identity_or_none(cfg: DictConfig) -> JobIdentity | None:
