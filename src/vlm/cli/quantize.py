@@ -31,7 +31,7 @@ from vlm.quant.fidelity import Fidelity, fidelity, reference_log_probs
 from vlm.quant.memory import human_bytes, weight_memory
 from vlm.quant.policies import PolicyError, QuantPlan, matching, plan
 from vlm.quant.report import QuantReport
-from vlm.quant.selection import candidates, greedy_keep, random_keep
+from vlm.quant.selection import Candidate, candidates, greedy_keep, random_keep
 from vlm.quant.simulate import simulated_quantization
 
 from .wiring import (
@@ -187,28 +187,16 @@ def plan_quantization(
             cache_dir=cache_dir,
         )
         pool = candidates(measurement.layers, calibration.score, quant.method, quant.double_quant)
-        budget = calibrated = None
+        budget = None
         if quant.policy == "dynamic":
-            all_4bit_bytes = report_for(all_4bit).memory.all_4bit
-            budget = calibration.budget(all_4bit_bytes)
-            spent = sum(c.extra_bytes for c in pool if c.name in forced)
-            if spent > budget:
-                log.warning("quant.skip_modules alone take %d bytes, over the %d-byte budget", spent, budget)
-            calibrated = greedy_keep([c for c in pool if c.name not in forced], max(0, budget - spent))
-        quant_plan = _resolve(names, family, quant, calibrated or ())
-
-        labelled = {"policy": quant_plan.quantized}
-        if set(all_4bit.quantized) != set(quant_plan.quantized):
-            labelled["all_4bit"] = all_4bit.quantized
-        if budget is not None:
-            free = [c for c in pool if c.name not in forced]
-            for seed in range(calibration.random_baselines):
-                kept = set(random_keep(free, max(0, budget - spent), seed)) | set(forced)
-                labelled[f"random_same_budget_{seed}"] = tuple(n for n in all_4bit.quantized if n not in kept)
+            budget = calibration.budget(report_for(all_4bit).memory.all_4bit)
+        calibrated = _calibrated_keep(pool, forced, budget) if budget is not None else ()
+        quant_plan = _resolve(names, family, quant, calibrated)
+        plans = _plans_to_compare(quant_plan, all_4bit, pool, forced, budget, calibration.random_baselines)
         reference, scores = None, {}
         if heldout_batches:
             reference = reference_log_probs(model, heldout_batches, probe.forward, probe.positions)
-            for label, quantized in labelled.items():
+            for label, quantized in plans.items():
                 with simulated_quantization(model, quantized, quant.method, quant.double_quant):
                     scores[label] = fidelity(model, heldout_batches, probe.forward, probe.positions, reference)
     finally:
@@ -235,6 +223,30 @@ def plan_quantization(
         },
     )
     return Planning(quant_plan, report, list(heldout_batches), reference)
+
+
+def _calibrated_keep(pool: list[Candidate], forced: list[str], budget: int) -> list[str]:
+    """``dynamic``'s choice: what ``quant.skip_modules`` forces comes out of the budget first."""
+    spent = sum(c.extra_bytes for c in pool if c.name in forced)
+    if spent > budget:
+        log.warning("quant.skip_modules alone take %d bytes, over the %d-byte budget", spent, budget)
+    return greedy_keep([c for c in pool if c.name not in forced], max(0, budget - spent))
+
+
+def _plans_to_compare(
+    quant_plan: QuantPlan, all_4bit: QuantPlan, pool: list[Candidate], forced: list[str], budget: int | None, randoms: int
+) -> dict[str, tuple[str, ...]]:
+    """Label → quantized layers: this plan, the all-4-bit recipe, and random choices under the same budget."""
+    plans = {"policy": quant_plan.quantized}
+    if set(all_4bit.quantized) != set(quant_plan.quantized):
+        plans["all_4bit"] = all_4bit.quantized
+    if budget is not None:
+        free = [c for c in pool if c.name not in forced]
+        left = max(0, budget - sum(c.extra_bytes for c in pool if c.name in forced))
+        for seed in range(randoms):
+            kept = set(random_keep(free, left, seed)) | set(forced)
+            plans[f"random_same_budget_{seed}"] = tuple(n for n in all_4bit.quantized if n not in kept)
+    return plans
 
 
 def _memory_shortfall(sixteen_bit_bytes: int, device: str) -> str | None:
