@@ -11,10 +11,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# Elementwise and memory bound: 1024 elements over 4 warps gives each thread 8 contiguous elements,
-# i.e. one 16-byte vector load per operand in bf16/fp16.
-BLOCK_SIZE = 1024
-NUM_WARPS = 4
+from ._shared import gated_backward, gated_forward
+
 APPROXIMATIONS = ("tanh", "none")
 
 # constexpr: compiled Triton may only read globals so annotated.
@@ -81,31 +79,15 @@ def _geglu_backward_kernel(
         tl.store(grad_up_ptr + offsets, (grad_out * gelu).to(grad_up_ptr.dtype.element_ty), mask=mask)
 
 
-def _grid(n_elements: int) -> tuple[int]:
-    return (triton.cdiv(n_elements, BLOCK_SIZE),)
-
-
-def _check_inputs(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> None:
+def _check_approximation(approximate: str) -> None:
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
-    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
-        raise ValueError(
-            f"gate and up must match in shape, dtype and device; got {tuple(gate.shape)} {gate.dtype} "
-            f"{gate.device} and {tuple(up.shape)} {up.dtype} {up.device}"
-        )
 
 
 def geglu_forward(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     """``gelu(gate) * up`` computed in fp32, returned in the input dtype and shape."""
-    _check_inputs(gate, up, approximate)
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    if out.numel() > 0:
-        _geglu_forward_kernel[_grid(out.numel())](
-            gate, up, out, out.numel(),
-            APPROXIMATE_TANH=approximate == "tanh", BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
-        )
-    return out
+    _check_approximation(approximate)
+    return gated_forward(_geglu_forward_kernel, gate, up, APPROXIMATE_TANH=approximate == "tanh")
 
 
 def geglu_backward(
@@ -113,20 +95,9 @@ def geglu_backward(
     needs_grad_gate: bool = True, needs_grad_up: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients with respect to ``gate`` and ``up`` (None where not needed), gelu recomputed from ``gate``."""
-    grad_out, gate, up = grad_out.contiguous(), gate.contiguous(), up.contiguous()
-    grad_gate = torch.empty_like(gate) if needs_grad_gate else None
-    grad_up = torch.empty_like(up) if needs_grad_up else None
-    n_elements = gate.numel()
-    if n_elements > 0 and (needs_grad_gate or needs_grad_up):
-        _geglu_backward_kernel[_grid(n_elements)](
-            grad_out, gate, up,
-            grad_gate if needs_grad_gate else gate,  # unused placeholder pointers when not needed
-            grad_up if needs_grad_up else up,
-            n_elements,
-            APPROXIMATE_TANH=approximate == "tanh", NEEDS_GRAD_GATE=needs_grad_gate, NEEDS_GRAD_UP=needs_grad_up,
-            BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
-        )
-    return grad_gate, grad_up
+    return gated_backward(
+        _geglu_backward_kernel, grad_out, gate, up, needs_grad_gate, needs_grad_up, APPROXIMATE_TANH=approximate == "tanh"
+    )
 
 
 class GeGLUFunction(torch.autograd.Function):

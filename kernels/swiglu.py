@@ -9,10 +9,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# Elementwise and memory bound: 1024 elements over 4 warps gives each thread 8 contiguous elements,
-# i.e. one 16-byte vector load per operand in bf16/fp16.
-BLOCK_SIZE = 1024
-NUM_WARPS = 4
+from ._shared import gated_backward, gated_forward
+
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -55,46 +53,16 @@ def _swiglu_backward_kernel(
         tl.store(grad_up_ptr + offsets, grad_up.to(grad_up_ptr.dtype.element_ty), mask=mask)
 
 
-def _grid(n_elements: int) -> tuple[int]:
-    return (triton.cdiv(n_elements, BLOCK_SIZE),)
-
-
-def _check_inputs(gate: torch.Tensor, up: torch.Tensor) -> None:
-    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
-        raise ValueError(
-            f"gate and up must match in shape, dtype and device; got {tuple(gate.shape)} {gate.dtype} "
-            f"{gate.device} and {tuple(up.shape)} {up.dtype} {up.device}"
-        )
-
-
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` computed in fp32, returned in the input dtype and shape."""
-    _check_inputs(gate, up)
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    if out.numel() > 0:
-        _swiglu_forward_kernel[_grid(out.numel())](gate, up, out, out.numel(), BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
-    return out
+    return gated_forward(_swiglu_forward_kernel, gate, up)
 
 
 def swiglu_backward(
     grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, needs_grad_gate: bool = True, needs_grad_up: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients with respect to ``gate`` and ``up`` (None where not needed), silu recomputed from ``gate``."""
-    grad_out, gate, up = grad_out.contiguous(), gate.contiguous(), up.contiguous()
-    grad_gate = torch.empty_like(gate) if needs_grad_gate else None
-    grad_up = torch.empty_like(up) if needs_grad_up else None
-    n_elements = gate.numel()
-    if n_elements > 0 and (needs_grad_gate or needs_grad_up):
-        _swiglu_backward_kernel[_grid(n_elements)](
-            grad_out, gate, up,
-            grad_gate if needs_grad_gate else gate,  # unused placeholder pointers when not needed
-            grad_up if needs_grad_up else up,
-            n_elements,
-            NEEDS_GRAD_GATE=needs_grad_gate, NEEDS_GRAD_UP=needs_grad_up,
-            BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
-        )
-    return grad_gate, grad_up
+    return gated_backward(_swiglu_backward_kernel, grad_out, gate, up, needs_grad_gate, needs_grad_up)
 
 
 class SwiGLUFunction(torch.autograd.Function):

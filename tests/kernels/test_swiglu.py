@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlm.kernels.swiglu import BLOCK_SIZE, swiglu, swiglu_reference
+from vlm.kernels._shared import GATED_BLOCK
+from vlm.kernels.swiglu import swiglu, swiglu_reference
 
 # The op computes in fp32 and rounds once to the input dtype: one machine epsilon of relative slack per
 # dtype (round-to-nearest on a GPU needs half of it; Triton's interpreter truncates fp32 -> bf16 and needs
@@ -64,7 +65,7 @@ def assert_matches_float64_reference(shape, dtype, device):
 
 
 def test_shapes_include_one_wider_than_a_block():
-    assert any(torch.Size(shape).numel() > BLOCK_SIZE for shape in SHAPES)
+    assert any(torch.Size(shape).numel() > GATED_BLOCK for shape in SHAPES)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
