@@ -1,10 +1,10 @@
 """The LayerNorm kernel computes ``torch.nn.functional.layer_norm`` over the last dimension (vision towers),
 forward and backward for input, weight and bias, for any leading shape and fp32/bf16/fp16 inputs."""
 
-import math
 
 import pytest
 import torch
+from kernel_checks import summed_over_rows
 
 from vlm.kernels.layer_norm import layer_norm, layer_norm_reference
 
@@ -20,11 +20,6 @@ DTYPES = list(TOLERANCES)
 # The small cases run wherever Triton can: the interpreter on CPU, or the GPU when there is one.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def _summed_over_rows(tolerance: dict, n_rows: int) -> dict:
-    """Parameter grads are sums over rows of random-signed terms: their typical size, and the fp32 rounding
-    of the sum, grow like sqrt(rows), so the absolute floor does too (rtol stays the dtype's)."""
-    return dict(atol=tolerance["atol"] * math.sqrt(n_rows), rtol=tolerance["rtol"])
 
 EPS = 1e-5
 
@@ -55,7 +50,7 @@ def _assert_matches_float64_reference(shape, width, dtype, param_dtype=None, dev
     torch.testing.assert_close(out.double(), expected, **tolerance)
     assert x.grad.dtype == dtype
     torch.testing.assert_close(x.grad.double(), leaves64[0].grad, **tolerance)
-    summed = _summed_over_rows(tolerance, x.numel() // width)
+    summed = summed_over_rows(tolerance, x.numel() // width)
     for param, param64 in zip(leaves[1:], leaves64[1:]):
         if params_require_grad:
             assert param.grad.dtype == param_dtype

@@ -1,10 +1,10 @@
 """The RMSNorm kernel computes Hugging Face ``LlamaRMSNorm`` (fp32 normalize, cast to x's dtype, then weight),
 forward and backward, for any leading shape and fp32/bf16/fp16 inputs."""
 
-import math
 
 import pytest
 import torch
+from kernel_checks import summed_over_rows
 
 from vlm.kernels.rms_norm import rms_norm, rms_norm_reference
 
@@ -20,11 +20,6 @@ DTYPES = list(TOLERANCES)
 # The small cases run wherever Triton can: the interpreter on CPU, or the GPU when there is one.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def _summed_over_rows(tolerance: dict, n_rows: int) -> dict:
-    """Parameter grads are sums over rows of random-signed terms: their typical size, and the fp32 rounding
-    of the sum, grow like sqrt(rows), so the absolute floor does too (rtol stays the dtype's)."""
-    return dict(atol=tolerance["atol"] * math.sqrt(n_rows), rtol=tolerance["rtol"])
 
 EPS = 1e-6
 
@@ -57,7 +52,7 @@ def _assert_matches_float64_reference(shape, width, dtype, weight_dtype=None, de
     torch.testing.assert_close(x.grad.double(), x64.grad, **tolerance)
     if weight_requires_grad:
         assert weight.grad.dtype == weight_dtype
-        summed = _summed_over_rows(tolerance, x.numel() // width)
+        summed = summed_over_rows(tolerance, x.numel() // width)
         torch.testing.assert_close(weight.grad.double(), weight64.grad, **summed)
 
 

@@ -3,12 +3,10 @@ Hugging Face's LlamaMLP."""
 
 from __future__ import annotations
 
-import copy
-import types
-
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_checks import assert_forward_swap_matches
 
 from vlm.kernels._shared import GATED_BLOCK
 from vlm.kernels.swiglu import swiglu, swiglu_reference
@@ -123,20 +121,8 @@ def swiglu_mlp_forward(mlp, x):
 
 
 def test_llama_mlp_with_swiglu_matches_the_stock_module():
-    stock = tiny_llama_mlp()
-    fused = copy.deepcopy(stock)
-    fused.forward = types.MethodType(swiglu_mlp_forward, fused)
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    x_stock, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
-
-    expected, actual = stock(x_stock), fused(x_fused)
-    expected.square().sum().backward()
-    actual.square().sum().backward()
-
-    torch.testing.assert_close(actual, expected, **TOLERANCES[torch.float32])
-    torch.testing.assert_close(x_fused.grad, x_stock.grad, **TOLERANCES[torch.float32])
-    for (name, fused_param), stock_param in zip(fused.named_parameters(), stock.parameters()):
-        torch.testing.assert_close(fused_param.grad, stock_param.grad, **TOLERANCES[torch.float32], msg=name)
+    assert_forward_swap_matches(tiny_llama_mlp(), swiglu_mlp_forward, x, TOLERANCES[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
