@@ -25,10 +25,17 @@ def round_to_nearest(value, DTYPE: tl.constexpr):
         return value
 
 
+# Row tiling of the norms; module constants so that a tuning sweep can set them. On an H100 (widths 1280 and
+# 4096, 2048 and 8192 rows) 2048 elements and 16 warps per SM were best or within 5% of the best everywhere
+# but LayerNorm at 2048 rows; 64 warps per SM was up to 1.7x slower there.
+ROW_TILE_ELEMENTS = 2048  # elements a program loads per step: several rows when rows are narrow
+BACKWARD_WARPS_PER_SM = 16  # resident warps of persistent backward programs per SM
+
+
 def row_tile(width: int) -> tuple[int, int, int]:
     """(BLOCK, ROWS, num_warps): one row per program, several when rows are narrow so each program moves enough data."""
     block = triton.next_power_of_2(width)
-    rows = max(1, min(16, 2048 // block))
+    rows = max(1, min(16, ROW_TILE_ELEMENTS // block))
     elements = block * rows
     num_warps = 4 if elements <= 2048 else 8 if elements <= 8192 else 16
     return block, rows, num_warps
@@ -40,12 +47,47 @@ def _multiprocessors(device_index: int) -> int:
 
 
 def backward_programs(x: torch.Tensor, row_tiles: int, num_warps: int) -> int:
-    """Persistent programs, about 32 warps per SM (measured best on an H100 at 8192x4096 and 6404x1280); each sums
-    its rows' parameter grads in fp32, so only this many partial rows remain to reduce."""
+    """Persistent programs, ``BACKWARD_WARPS_PER_SM`` warps per SM; each sums its rows' parameter grads in
+    fp32, so only this many partial rows remain to reduce."""
     if not x.is_cuda:
         return max(1, min(row_tiles, 4))
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return max(1, min(row_tiles, max(1, 32 // num_warps) * _multiprocessors(device_index)))
+    per_sm = max(1, BACKWARD_WARPS_PER_SM // num_warps)
+    return max(1, min(row_tiles, per_sm * _multiprocessors(device_index)))
+
+
+_PARTIAL_COLS = 64
+_PARTIAL_ROWS = 32
+
+
+@triton.jit
+def _sum_partials_kernel(PARTIALS, OUT0, OUT1, n_partials, n_cols, BLOCK_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    group = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col_ok = cols < n_cols
+    base = PARTIALS + group.to(tl.int64) * n_partials * n_cols
+    total = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
+    for first in range(0, n_partials, BLOCK_ROWS):
+        rows = first + tl.arange(0, BLOCK_ROWS)
+        mask = (rows < n_partials)[:, None] & col_ok[None, :]
+        total += tl.load(base + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    column_sum = tl.sum(total, axis=0)
+    if group == 0:
+        tl.store(OUT0 + cols, round_to_nearest(column_sum, OUT0.dtype.element_ty).to(OUT0.dtype.element_ty), mask=col_ok)
+    else:
+        tl.store(OUT1 + cols, round_to_nearest(column_sum, OUT1.dtype.element_ty).to(OUT1.dtype.element_ty), mask=col_ok)
+
+
+def sum_partials(partials: torch.Tensor, dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+    """``partials[g].sum(0).to(dtypes[g])`` for each of (at most two) groups of fp32 partial rows, in one launch."""
+    groups, n_partials, n_cols = partials.shape
+    if groups != len(dtypes) or groups not in (1, 2):
+        raise ValueError(f"{groups} groups of partials and {len(dtypes)} dtypes; one or two of each expected")
+    sums = [torch.empty(n_cols, dtype=dtype, device=partials.device) for dtype in dtypes]
+    _sum_partials_kernel[(triton.cdiv(n_cols, _PARTIAL_COLS), groups)](
+        partials, sums[0], sums[-1], n_partials, n_cols, BLOCK_COLS=_PARTIAL_COLS, BLOCK_ROWS=_PARTIAL_ROWS,
+    )
+    return sums
 
 
 def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -83,12 +125,21 @@ def gated_forward(kernel, gate: torch.Tensor, up: torch.Tensor, **constants) -> 
 
 def gated_backward(
     kernel, grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,  # noqa: ANN001
-    needs_grad_gate: bool, needs_grad_up: bool, **constants,
+    needs_grad_gate: bool, needs_grad_up: bool, grads_into_inputs: bool = False, **constants,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients with respect to ``gate`` and ``up`` (None where not needed), from ``kernel``."""
+    """Gradients with respect to ``gate`` and ``up`` (None where not needed), from ``kernel``.
+
+    With ``grads_into_inputs`` they overwrite ``gate`` and ``up``: each element is read before the same
+    thread writes its gradient, and two full-size buffers are never allocated.
+    """
     grad_out, gate, up = grad_out.contiguous(), gate.contiguous(), up.contiguous()
-    grad_gate = torch.empty_like(gate) if needs_grad_gate else None
-    grad_up = torch.empty_like(up) if needs_grad_up else None
+    if grads_into_inputs and gate.data_ptr() == up.data_ptr():
+        raise ValueError("gate and up share memory: their gradients cannot both be written in place")
+    # In place, the grads are new views of the inputs' memory: autograd may then hand them on (or make them
+    # a leaf's .grad) without the copy it makes of a tensor that is also saved.
+    fresh = not grads_into_inputs
+    grad_gate = (torch.empty_like(gate) if fresh else gate.view_as(gate)) if needs_grad_gate else None
+    grad_up = (torch.empty_like(up) if fresh else up.view_as(up)) if needs_grad_up else None
     n_elements = gate.numel()
     if n_elements > 0 and (needs_grad_gate or needs_grad_up):
         kernel[(triton.cdiv(n_elements, GATED_BLOCK),)](

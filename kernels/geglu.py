@@ -92,11 +92,13 @@ def geglu_forward(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh
 
 def geglu_backward(
     grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh",
-    needs_grad_gate: bool = True, needs_grad_up: bool = True,
+    needs_grad_gate: bool = True, needs_grad_up: bool = True, grads_into_inputs: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients with respect to ``gate`` and ``up`` (None where not needed), gelu recomputed from ``gate``."""
+    """Gradients with respect to ``gate`` and ``up`` (None where not needed), gelu recomputed from ``gate``;
+    written over ``gate`` and ``up`` with ``grads_into_inputs``."""
     return gated_backward(
-        _geglu_backward_kernel, grad_out, gate, up, needs_grad_gate, needs_grad_up, APPROXIMATE_TANH=approximate == "tanh"
+        _geglu_backward_kernel, grad_out, gate, up, needs_grad_gate, needs_grad_up, grads_into_inputs,
+        APPROXIMATE_TANH=approximate == "tanh",
     )
 
 
@@ -104,19 +106,24 @@ class GeGLUFunction(torch.autograd.Function):
     """Saves only ``gate`` and ``up``; the activation is recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, approximate: str) -> torch.Tensor:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, approximate: str, grads_into_inputs: bool) -> torch.Tensor:
         out = geglu_forward(gate, up, approximate)
         ctx.save_for_backward(gate, up)
-        ctx.approximate = approximate
+        ctx.approximate, ctx.grads_into_inputs = approximate, grads_into_inputs
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         gate, up = ctx.saved_tensors
-        grad_gate, grad_up = geglu_backward(grad_out, gate, up, ctx.approximate, *ctx.needs_input_grad[:2])
-        return grad_gate, grad_up, None
+        grad_gate, grad_up = geglu_backward(
+            grad_out, gate, up, ctx.approximate, *ctx.needs_input_grad[:2], ctx.grads_into_inputs
+        )
+        return grad_gate, grad_up, None, None
 
 
-def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
-    """``gelu(gate, approximate) * up`` for tensors of any (matching) shape, differentiable in both inputs."""
-    return GeGLUFunction.apply(gate, up, approximate)
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh", *, grads_into_inputs: bool = False) -> torch.Tensor:
+    """``gelu(gate, approximate) * up`` for tensors of any (matching) shape, differentiable in both inputs.
+
+    ``grads_into_inputs=True`` writes the backward's gradients over ``gate`` and ``up`` (see ``swiglu``).
+    """
+    return GeGLUFunction.apply(gate, up, approximate, grads_into_inputs)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import as_rows, backward_programs, round_to_nearest, row_tile
+from ._shared import as_rows, backward_programs, round_to_nearest, row_tile, sum_partials
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -108,8 +108,8 @@ def _layer_norm_backward(
     )
     if not compute_dw_db:
         return dx, None, None
-    sums = partials.sum(1)
-    return dx, sums[0].to(weight.dtype), sums[1].to(bias_dtype)
+    dw, db = sum_partials(partials, [weight.dtype, bias_dtype])
+    return dx, dw, db
 
 
 class LayerNormFunction(torch.autograd.Function):

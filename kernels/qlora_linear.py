@@ -17,6 +17,7 @@ from ._shared import round_to_nearest
 # element 2i in the high nibble of byte i and element 2i+1 in the low nibble.
 # 4096 elements and 4 warps a program: ~2.4 TB/s on an H100 (2-8 warps, 1-8K elements within 5%).
 _DEQUANT_ELEMENTS_PER_PROGRAM = 4096
+_DEQUANT_WARPS = 4
 
 
 # ----------------------------------------------------------------------------- reference
@@ -168,7 +169,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype | None 
         NESTED=quant_state.nested,
         NESTED_BS=nested_bs,
         QUANT_DTYPE=_TL_DTYPES[quant_state.dtype],
-        num_warps=4,
+        num_warps=_DEQUANT_WARPS,
         # bitsandbytes rounds code2*scale2 before adding the offset; an fma would not.
         enable_fp_fusion=False,
     )

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import as_rows, backward_programs, round_to_nearest, row_tile
+from ._shared import as_rows, backward_programs, round_to_nearest, row_tile, sum_partials
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -89,12 +89,12 @@ def _rms_norm_backward(
     programs = backward_programs(x, triton.cdiv(n_rows, rows), num_warps)
     dx = torch.empty_like(x)
     # fp32 partial sums per program, reduced once below: exact-order, no bf16 atomics.
-    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
+    dw_partial = torch.empty((1, programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
     _rms_norm_backward_kernel[(programs,)](
         dy, x, weight, rstd, dx, dw_partial, n_rows, n_cols, dy.stride(0), x.stride(0), dx.stride(0),
         BLOCK=block, ROWS=rows, COMPUTE_DW=compute_dw, num_warps=num_warps,
     )
-    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
+    dw = sum_partials(dw_partial, [weight.dtype])[0] if compute_dw else None
     return dx, dw
 
 

@@ -59,26 +59,36 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_backward(
-    grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, needs_grad_gate: bool = True, needs_grad_up: bool = True
+    grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, needs_grad_gate: bool = True,
+    needs_grad_up: bool = True, grads_into_inputs: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients with respect to ``gate`` and ``up`` (None where not needed), silu recomputed from ``gate``."""
-    return gated_backward(_swiglu_backward_kernel, grad_out, gate, up, needs_grad_gate, needs_grad_up)
+    """Gradients with respect to ``gate`` and ``up`` (None where not needed), silu recomputed from ``gate``;
+    written over ``gate`` and ``up`` with ``grads_into_inputs``."""
+    return gated_backward(
+        _swiglu_backward_kernel, grad_out, gate, up, needs_grad_gate, needs_grad_up, grads_into_inputs
+    )
 
 
 class SwiGLUFunction(torch.autograd.Function):
     """Saves only ``gate`` and ``up``; the activation is recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, grads_into_inputs: bool) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
+        ctx.grads_into_inputs = grads_into_inputs
         return swiglu_forward(gate, up)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         gate, up = ctx.saved_tensors
-        return swiglu_backward(grad_out, gate, up, *ctx.needs_input_grad[:2])
+        grad_gate, grad_up = swiglu_backward(grad_out, gate, up, *ctx.needs_input_grad[:2], ctx.grads_into_inputs)
+        return grad_gate, grad_up, None
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for tensors of any (matching) shape, differentiable in both inputs."""
-    return SwiGLUFunction.apply(gate, up)
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, grads_into_inputs: bool = False) -> torch.Tensor:
+    """``silu(gate) * up`` for tensors of any (matching) shape, differentiable in both inputs.
+
+    ``grads_into_inputs=True`` writes the backward's gradients over ``gate`` and ``up``, saving two
+    buffers of their size; only for inputs nothing else reads after this op (an MLP's projections).
+    """
+    return SwiGLUFunction.apply(gate, up, grads_into_inputs)

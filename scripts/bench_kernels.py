@@ -4,7 +4,8 @@ the reference, and Liger-Kernel, at Llama-3.2-11B-Vision shapes, on a GPU.
     python scripts/bench_kernels.py --out results/ [--tokens 2048 8192] [--only rms_norm swiglu]
 
 Times are medians of ``--repeats`` forward+backward passes measured with CUDA events after
-warm-up; peak memory is ``torch.cuda.max_memory_allocated`` during one pass, above what the
+warm-up, two ways (see ``GpuTimer``): GPU time with the launches queued ahead, and wall time of a
+pass started on an idle GPU, launch cost included; peak memory is ``torch.cuda.max_memory_allocated`` during one pass, above what the
 inputs already hold. Liger-Kernel is imported when it is on the path (``liger_kernel``).
 Writes ``kernels.csv`` and ``kernels.md`` to ``--out``. ``--smoke`` runs tiny shapes on the CPU
 (Triton's interpreter) to check the script itself; its times mean nothing.
@@ -60,28 +61,35 @@ def cases(tokens: int, device: str, dtype: torch.dtype, sizes: dict) -> list[Cas
     out: list[Case] = []
     eps = 1e-5
 
-    liger_rms = _liger("rms_norm")
-    impls = {
-        "ours": lambda x, w: rms_norm.rms_norm(x, w, eps),
-        "eager": lambda x, w: rms_norm.rms_norm_reference(x, w, eps),
-        "compile": torch.compile(lambda x, w: rms_norm.rms_norm_reference(x, w, eps)),
-    }
-    if liger_rms:
-        impls["liger"] = lambda x, w: liger_rms.LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False)
-    out.append(Case("rms_norm", f"{tokens}x{h}", lambda: [_randn(tokens, h, dtype=dtype, device=device),
-                                                         _randn(h, dtype=dtype, device=device, scale=0.1) + 1], impls))
+    # Norm weights are frozen in QLoRA (the hot path); the trainable case also reduces their grads.
+    for frozen in (True, False):
+        label = " (frozen weight)" if frozen else ""
 
-    liger_ln = _liger("layer_norm")
-    impls = {
-        "ours": lambda x, w, b: layer_norm.layer_norm(x, w, b, eps),
-        "eager": lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, eps),
-        "compile": torch.compile(lambda x, w, b: layer_norm.layer_norm_reference(x, w, b, eps)),
-    }
-    if liger_ln:
-        impls["liger"] = lambda x, w, b: liger_ln.LigerLayerNormFunction.apply(x, w, b, eps)
-    out.append(Case("layer_norm", f"{tokens}x{vh}", lambda: [_randn(tokens, vh, dtype=dtype, device=device),
-                                                            _randn(vh, dtype=dtype, device=device),
-                                                            _randn(vh, dtype=dtype, device=device)], impls))
+        liger_rms = _liger("rms_norm")
+        impls = {
+            "ours": lambda x, w: rms_norm.rms_norm(x, w, eps),
+            "eager": lambda x, w: rms_norm.rms_norm_reference(x, w, eps),
+            "compile": torch.compile(lambda x, w: rms_norm.rms_norm_reference(x, w, eps)),
+        }
+        if liger_rms:
+            impls["liger"] = lambda x, w: liger_rms.LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False)
+        out.append(Case(f"rms_norm{label}", f"{tokens}x{h}",
+                        lambda frozen=frozen: [_randn(tokens, h, dtype=dtype, device=device),
+                                               (_randn(h, dtype=dtype, device=device, scale=0.1, grad=False) + 1)
+                                               .requires_grad_(not frozen)], impls))
+
+        liger_ln = _liger("layer_norm")
+        impls = {
+            "ours": lambda x, w, b: layer_norm.layer_norm(x, w, b, eps),
+            "eager": lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, eps),
+            "compile": torch.compile(lambda x, w, b: layer_norm.layer_norm_reference(x, w, b, eps)),
+        }
+        if liger_ln:
+            impls["liger"] = lambda x, w, b: liger_ln.LigerLayerNormFunction.apply(x, w, b, eps)
+        out.append(Case(f"layer_norm{label}", f"{tokens}x{vh}",
+                        lambda frozen=frozen: [_randn(tokens, vh, dtype=dtype, device=device),
+                                               _randn(vh, dtype=dtype, device=device, grad=not frozen),
+                                               _randn(vh, dtype=dtype, device=device, grad=not frozen)], impls))
 
     def rope_inputs():
         q = _randn(1, heads, tokens, hd, dtype=dtype, device=device)
@@ -121,14 +129,17 @@ def cases(tokens: int, device: str, dtype: torch.dtype, sizes: dict) -> list[Cas
     def glu_inputs():
         return [_randn(tokens, inter, dtype=dtype, device=device), _randn(tokens, inter, dtype=dtype, device=device)]
 
+    # "ours" is what the patched MLP runs: grads written over gate and up, as Liger-Kernel does too.
     liger_swiglu = _liger("swiglu")
-    impls = {"ours": swiglu.swiglu, "eager": swiglu.swiglu_reference, "compile": torch.compile(swiglu.swiglu_reference)}
+    impls = {"ours": lambda g, u: swiglu.swiglu(g, u, grads_into_inputs=True), "ours_fresh_grads": swiglu.swiglu,
+             "eager": swiglu.swiglu_reference, "compile": torch.compile(swiglu.swiglu_reference)}
     if liger_swiglu:
         impls["liger"] = liger_swiglu.LigerSiLUMulFunction.apply
     out.append(Case("swiglu", f"{tokens}x{inter}", glu_inputs, impls))
 
     liger_geglu = _liger("geglu")
-    impls = {"ours": geglu.geglu, "eager": geglu.geglu_reference, "compile": torch.compile(geglu.geglu_reference)}
+    impls = {"ours": lambda g, u: geglu.geglu(g, u, grads_into_inputs=True), "ours_fresh_grads": geglu.geglu,
+             "eager": geglu.geglu_reference, "compile": torch.compile(geglu.geglu_reference)}
     if liger_geglu:
         impls["liger"] = liger_geglu.LigerGELUMulFunction.apply
     out.append(Case("geglu", f"{tokens}x{inter}", glu_inputs, impls))
@@ -191,14 +202,81 @@ def qlora_cases(tokens: int, device: str, dtype: torch.dtype, shapes: list[tuple
     return out
 
 
-def measure(case: Case, name: str, repeats: int, warmup: int, cuda: bool) -> tuple[float, int | None]:
-    """Median milliseconds of a forward+backward pass, and the peak memory of one pass in bytes."""
+@dataclass
+class Measurement:
+    gpu_ms: float  # GPU time of a pass with its launches queued ahead (L2 flushed before it)
+    wall_ms: float  # a pass on an idle GPU, launch cost included
+    host_ms: float  # CPU time to enqueue a pass
+    peak_bytes: int | None
+
+
+def _enqueue_timed(step: Callable[[], None], start, end, hosts: list[float]) -> None:  # noqa: ANN001
+    """``step`` between two recorded CUDA events; the host milliseconds it took to enqueue go to ``hosts``."""
+    start.record()
+    t0 = time.perf_counter()
+    step()
+    hosts.append((time.perf_counter() - t0) * 1000)
+    end.record()
+
+
+class GpuTimer:
+    """Times passes two ways with CUDA events.
+
+    ``gpu``: before each pass the L2 cache is flushed and the GPU is held busy (``torch.cuda._sleep``) for
+    longer than the CPU takes to enqueue the pass, so the events bracket the kernels alone, back to back,
+    as in a training step whose GPU never waits for the host (an op that waits for the GPU itself, such as
+    the fused CE counting its labels, still shows its launch time after the wait). ``wall``: each pass starts
+    on an idle GPU and is synchronized, so the CPU cost of launching it is included.
+    """
+
+    def __init__(self) -> None:
+        self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)  # warm-up
+        start.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        torch.cuda.synchronize()
+        self.cycles_per_ms = 10_000_000 / start.elapsed_time(end)
+
+    def gpu(self, step: Callable[[], None], repeats: int, host_ms: float) -> tuple[float, float]:
+        """(median GPU ms, median host ms); the hold is three times the host time seen in wall mode."""
+        cycles = int(self.cycles_per_ms * max(0.5, 3 * host_ms))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        hosts = []
+        torch.cuda.synchronize()
+        for start, end in events:
+            self.flush.zero_()
+            torch.cuda._sleep(cycles)
+            _enqueue_timed(step, start, end, hosts)
+        torch.cuda.synchronize()
+        hold_ms = cycles / self.cycles_per_ms
+        if statistics.median(hosts) > hold_ms:
+            print(f"warning: enqueueing took {statistics.median(hosts):.3f} ms, more than the {hold_ms:.3f} ms hold")
+        return statistics.median(s.elapsed_time(e) for s, e in events), statistics.median(hosts)
+
+    @staticmethod
+    def wall(step: Callable[[], None], repeats: int) -> tuple[float, float]:
+        """(median ms of a synchronized pass on an idle GPU, median host ms to enqueue it)."""
+        times, hosts = [], []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            _enqueue_timed(step, start, end, hosts)
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times), statistics.median(hosts)
+
+
+def make_step(case: Case, name: str) -> Callable[[], None]:
+    """One forward+backward pass of implementation ``name`` on fresh inputs, with fixed random output grads."""
     function = case.implementations[name]
     inputs = case.make_inputs()
     leaves = [t for t in inputs if t.is_floating_point() and t.requires_grad]
     outputs = function(*inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     grads = [torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in outputs]
+    del outputs
 
     def step():
         result = function(*inputs)
@@ -206,30 +284,49 @@ def measure(case: Case, name: str, repeats: int, warmup: int, cuda: bool) -> tup
         for leaf in leaves:
             leaf.grad = None
 
+    return step
+
+
+def measure(case: Case, name: str, repeats: int, warmup: int, timer: GpuTimer | None) -> Measurement:
+    """Median times of a forward+backward pass (see ``GpuTimer``), and the peak memory of one pass in bytes."""
+    step = make_step(case, name)
     for _ in range(warmup):
         step()
-    peak = None
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+    if timer is None:  # CPU smoke run: wall time only
+        times = []
+        for _ in range(repeats):
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times), peak
+        median = statistics.median(times)
+        return Measurement(median, median, median, None)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    wall_ms, host_ms = timer.wall(step, repeats)
+    gpu_ms, _ = timer.gpu(step, repeats, host_ms)
+    return Measurement(gpu_ms, wall_ms, host_ms, peak)
+
+
+def profile(case: Case, names: list[str], out: Path) -> None:
+    """The GPU kernels of one pass of each implementation, from ``torch.profiler``, appended to ``profile.txt``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as run_profiler
+
+    with open(out / "profile.txt", "a") as handle:
+        for name in names:
+            step = make_step(case, name)
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            with run_profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+            handle.write(f"\n===== {case.kernel} {case.shape} {name}\n{table}\n")
 
 
 def main() -> None:
@@ -240,6 +337,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script")
+    parser.add_argument("--skip", nargs="+", default=[], help="implementations to leave out, e.g. compile")
+    parser.add_argument("--profile", action="store_true", help="also write each pass's GPU kernels to profile.txt")
     args = parser.parse_args()
     if args.smoke:  # before any kernel module is imported
         import os
@@ -254,30 +353,38 @@ def main() -> None:
     if args.smoke:
         sizes = dict(hidden=64, intermediate=96, vocab=300, heads=4, kv_heads=2, head_dim=32, vision_hidden=48)
         qlora_shapes, args.tokens, args.repeats, args.warmup = [(64, 64)], [16], 2, 1
+    timer = GpuTimer() if cuda else None
     rows = []
     for tokens in args.tokens:
         all_cases = cases(tokens, device, dtype, sizes) + (qlora_cases(tokens, device, dtype, qlora_shapes) if cuda or args.smoke else [])
         for case in all_cases:
-            if args.only and case.kernel not in args.only:
+            if args.only and case.kernel.split(" (")[0] not in args.only:
                 continue
             result = {"kernel": case.kernel, "shape": case.shape, "tokens": tokens}
-            for name in case.implementations:
-                if args.smoke and name == "compile":
-                    continue
+            skip = set(args.skip) | ({"compile"} if args.smoke else set())
+            names = [name for name in case.implementations if name not in skip]
+            for name in names:
                 try:
-                    ms, peak = measure(case, name, args.repeats, args.warmup, cuda)
+                    m = measure(case, name, args.repeats, args.warmup, timer)
                 except Exception as error:  # noqa: BLE001 - one failing peer must not end the run
                     print(f"{case.kernel} {name}: {type(error).__name__}: {error}", flush=True)
                     continue
-                result[f"{name}_ms"] = round(ms, 4)
-                result[f"{name}_peak_mib"] = None if peak is None else round(peak / 2**20, 1)
+                result[f"{name}_gpu_ms"] = round(m.gpu_ms, 4)
+                result[f"{name}_wall_ms"] = round(m.wall_ms, 4)
+                result[f"{name}_host_ms"] = round(m.host_ms, 4)
+                result[f"{name}_peak_mib"] = None if m.peak_bytes is None else round(m.peak_bytes / 2**20, 1)
                 if cuda:
                     torch.cuda.empty_cache()
-            baseline = result.get("eager_ms") or result.get("bnb+peft_ms")
-            if baseline and result.get("ours_ms"):
-                result["speedup_vs_baseline"] = round(baseline / result["ours_ms"], 2)
-            if result.get("liger_ms") and result.get("ours_ms"):
-                result["speedup_vs_liger"] = round(result["liger_ms"] / result["ours_ms"], 2)
+            if args.profile and cuda:
+                profile(case, [n for n in names if n != "compile"], args.out)
+            for timing in ("gpu", "wall"):
+                ours = result.get(f"ours_{timing}_ms")
+                baseline = result.get(f"eager_{timing}_ms") or result.get(f"bnb+peft_{timing}_ms")
+                liger = result.get(f"liger_{timing}_ms")
+                if ours and baseline:
+                    result[f"speedup_{timing}_vs_baseline"] = round(baseline / ours, 2)
+                if ours and liger:
+                    result[f"speedup_{timing}_vs_liger"] = round(liger / ours, 2)
             rows.append(result)
             print(result, flush=True)
             write(args.out, rows, device)

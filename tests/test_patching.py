@@ -88,3 +88,30 @@ def test_lora_dropout_keeps_peft_forward(tiny_checkpoint):
     model = apply_lora(model, family, LoraSettings(r=4, alpha=8, dropout=0.1))
     report = apply_kernels(model, KernelSettings(lora=True))
     assert report.patched["lora"] == 0 and report.skipped["lora: dropout, several adapters or a variant"] == 14
+
+
+def _llama_mlp():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    return LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, hidden_act="silu")).to(DEVICE)
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["no_hook", "hook_keeps_output"])
+def test_patched_mlp_overwrites_its_projections_only_when_no_hook_can_see_them(hooked):
+    mlp = _llama_mlp()
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    kept = []
+    if hooked:
+        mlp.gate_proj.register_forward_hook(lambda module, args, output: kept.append((output, output.clone())))
+    expected = torch.autograd.grad(mlp(x.requires_grad_()).sum(), x)[0]
+    assert apply_kernels(mlp, KernelSettings(swiglu=True)).patched["swiglu"] == 1
+    kept.clear()
+
+    grad = torch.autograd.grad(mlp(x).sum(), x)[0]
+
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+    if hooked:  # what the hook kept is still the forward output
+        output, copy = kept[0]
+        torch.testing.assert_close(output, copy, rtol=0, atol=0)

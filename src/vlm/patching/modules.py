@@ -67,8 +67,22 @@ def _activation_kind(act: nn.Module) -> str | None:
     return None
 
 
+def _outputs_are_private(*modules: nn.Module) -> bool:
+    """True when no forward hook could keep a module's output: the gated op may then write its gradient
+    over that output in backward (see ``swiglu(grads_into_inputs=True)``)."""
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks:
+        return False
+    return not any(m._forward_hooks for m in modules)
+
+
 def patch_gated_mlps(model: nn.Module, report: PatchReport, *, swiglu: bool, geglu: bool) -> None:
-    """MLPs computing ``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama, Qwen2, Mllama text, Qwen2.5-VL vision)."""
+    """MLPs computing ``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama, Qwen2, Mllama text, Qwen2.5-VL vision).
+
+    ``gate_proj(x)`` and ``up_proj(x)`` are read by nothing but the activation, so its backward writes
+    their gradients over them instead of allocating two more tensors of that size.
+    """
     for module in model.modules():
         if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             continue
@@ -77,19 +91,20 @@ def patch_gated_mlps(model: nn.Module, report: PatchReport, *, swiglu: bool, geg
             report.skipped[f"gated mlp: activation {type(module.act_fn).__name__}"] += 1
             continue
         if kind == "swiglu" and swiglu:
-            from vlm.kernels.swiglu import swiglu as gate
-
-            def forward(self, x, gate=gate):  # noqa: ANN001
-                return self.down_proj(gate(self.gate_proj(x), self.up_proj(x)))
+            from vlm.kernels.swiglu import swiglu as gated
         elif kind.startswith("geglu") and geglu:
-            from vlm.kernels.geglu import geglu as gelu_gate
-
-            approximate = kind.split("-", 1)[1]
-
-            def forward(self, x, gate=gelu_gate, approximate=approximate):  # noqa: ANN001
-                return self.down_proj(gate(self.gate_proj(x), self.up_proj(x), approximate=approximate))
+            from vlm.kernels.geglu import geglu as gated
         else:
             continue
+        approximate = kind.split("-", 1)[1] if kind.startswith("geglu") else None
+
+        def forward(self, x, gated=gated, approximate=approximate):  # noqa: ANN001
+            private = _outputs_are_private(self.gate_proj, self.up_proj)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            if approximate is None:
+                return self.down_proj(gated(gate, up, grads_into_inputs=private))
+            return self.down_proj(gated(gate, up, approximate, grads_into_inputs=private))
+
         _replace_forward(module, forward)
         report.patched[kind.split("-")[0]] += 1
 

@@ -1,0 +1,71 @@
+"""The pieces the norm kernels share: the one-launch reduction of per-program fp32 partial sums into
+parameter grads of their own dtypes."""
+
+import pytest
+import torch
+
+from vlm.kernels._shared import sum_partials
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_two_groups_of_partials_are_summed_over_rows_into_their_own_dtypes():
+    # More partial rows and columns than one program covers, so the loop and the column grid both run.
+    partials = torch.randn(2, 70, 100, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    weight_grad, bias_grad = sum_partials(partials, [torch.bfloat16, torch.float32])
+
+    expected = partials.double().sum(1)
+    assert (weight_grad.dtype, bias_grad.dtype) == (torch.bfloat16, torch.float32)
+    # bf16: rounded once to nearest from an fp32 sum; fp32: only the sum order differs.
+    torch.testing.assert_close(weight_grad.double(), expected[0], atol=1e-5, rtol=2**-8)
+    torch.testing.assert_close(bias_grad.double(), expected[1], atol=1e-5, rtol=1e-6)
+
+
+def test_a_single_group_and_a_single_partial_row():
+    partials = torch.randn(1, 1, 33, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    (grad,) = sum_partials(partials, [torch.float16])
+    torch.testing.assert_close(grad, partials[0, 0].half(), atol=0, rtol=0)
+
+
+def test_groups_and_dtypes_must_agree():
+    with pytest.raises(ValueError, match="groups"):
+        sum_partials(torch.zeros(3, 4, 8, device=DEVICE), [torch.float32] * 3)
+
+
+# --------------------------------------------------------------------------- gated activations, grads in place
+def _gated_ops():
+    from vlm.kernels.geglu import geglu, geglu_reference
+    from vlm.kernels.swiglu import swiglu, swiglu_reference
+
+    return {
+        "swiglu": (swiglu, swiglu_reference),
+        "geglu": (lambda g, u, **kw: geglu(g, u, "tanh", **kw), lambda g, u: geglu_reference(g, u, "tanh")),
+    }
+
+
+@pytest.mark.parametrize("name", ["swiglu", "geglu"])
+def test_gated_grads_written_over_the_inputs_equal_fresh_ones(name):
+    op, _ = _gated_ops()[name]
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 100, generator=generator).to(DEVICE).requires_grad_()
+    grad_out = torch.randn(3, 5, 100, generator=generator).to(DEVICE)
+    grads = {}
+    for in_place in (False, True):
+        x.grad = None
+        gate, up = x * 2.0, x - 1.0  # fresh intermediates, as an MLP's projections are
+        seen = []
+        gate.register_hook(lambda grad, seen=seen: seen.append(grad.data_ptr()))
+        gate_ptr = gate.data_ptr()
+        op(gate, up, grads_into_inputs=in_place).backward(grad_out)
+        grads[in_place] = x.grad.clone()
+        assert (seen[0] == gate_ptr) == in_place  # the gate's grad lives in the gate's own buffer
+    torch.testing.assert_close(grads[True], grads[False], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["swiglu", "geglu"])
+def test_gated_grads_in_place_refuse_a_gate_that_is_also_up(name):
+    op, _ = _gated_ops()[name]
+    x = torch.randn(4, 8, device=DEVICE).requires_grad_()
+    shared = x * 1.0
+    with pytest.raises(ValueError, match="share memory"):
+        op(shared, shared, grads_into_inputs=True).sum().backward()
