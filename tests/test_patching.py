@@ -115,3 +115,21 @@ def test_patched_mlp_overwrites_its_projections_only_when_no_hook_can_see_them(h
     if hooked:  # what the hook kept is still the forward output
         output, copy = kept[0]
         torch.testing.assert_close(output, copy, rtol=0, atol=0)
+
+
+def test_patched_mlp_keeps_a_projection_output_that_its_own_op_saved_for_backward():
+    # tanh saves its result for backward: writing the gate's grad over it would corrupt gate_proj's grads.
+    mlp = _llama_mlp()
+    mlp.gate_proj = torch.nn.Sequential(mlp.gate_proj, torch.nn.Tanh())
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def grads():
+        mlp.zero_grad(set_to_none=True)
+        mlp(x).square().sum().backward()
+        return {name: p.grad.clone() for name, p in mlp.named_parameters()}
+
+    expected = grads()
+    assert apply_kernels(mlp, KernelSettings(swiglu=True)).patched["swiglu"] == 1
+    actual = grads()
+    for name, grad in actual.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)

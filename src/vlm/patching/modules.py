@@ -68,8 +68,7 @@ def _activation_kind(act: nn.Module) -> str | None:
 
 
 def _outputs_are_private(*modules: nn.Module) -> bool:
-    """True when no forward hook could keep a module's output: the gated op may then write its gradient
-    over that output in backward (see ``swiglu(grads_into_inputs=True)``)."""
+    """True when no forward hook could keep a module's output (a hook may store it for later)."""
     from torch.nn.modules import module as module_globals
 
     if module_globals._global_forward_hooks:
@@ -77,11 +76,25 @@ def _outputs_are_private(*modules: nn.Module) -> bool:
     return not any(m._forward_hooks for m in modules)
 
 
+def _overwritable(tensor: torch.Tensor) -> bool:
+    """True when the autograd graph keeps no reference to ``tensor``'s memory for a backward of its own: a
+    non-leaf whose producing op (behind any view) does not save its result, as tanh or sigmoid would."""
+    base = tensor._base if tensor._is_view() else tensor
+    node = base.grad_fn
+    if node is None:  # a leaf: its memory is the parameter or input itself
+        return False
+    if hasattr(node, "_saved_result"):
+        return False
+    saved = getattr(node, "saved_tensors", ())  # custom autograd Functions
+    return all(t is None or t.untyped_storage().data_ptr() != base.untyped_storage().data_ptr() for t in saved)
+
+
 def patch_gated_mlps(model: nn.Module, report: PatchReport, *, swiglu: bool, geglu: bool) -> None:
     """MLPs computing ``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama, Qwen2, Mllama text, Qwen2.5-VL vision).
 
     ``gate_proj(x)`` and ``up_proj(x)`` are read by nothing but the activation, so its backward writes
-    their gradients over them instead of allocating two more tensors of that size.
+    their gradients over them instead of allocating two more tensors of that size; unless a forward hook
+    could have kept them, or the op that made them keeps them for its own backward.
     """
     for module in model.modules():
         if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
@@ -99,8 +112,8 @@ def patch_gated_mlps(model: nn.Module, report: PatchReport, *, swiglu: bool, geg
         approximate = kind.split("-", 1)[1] if kind.startswith("geglu") else None
 
         def forward(self, x, gated=gated, approximate=approximate):  # noqa: ANN001
-            private = _outputs_are_private(self.gate_proj, self.up_proj)
             gate, up = self.gate_proj(x), self.up_proj(x)
+            private = _outputs_are_private(self.gate_proj, self.up_proj) and _overwritable(gate) and _overwritable(up)
             if approximate is None:
                 return self.down_proj(gated(gate, up, grads_into_inputs=private))
             return self.down_proj(gated(gate, up, approximate, grads_into_inputs=private))
