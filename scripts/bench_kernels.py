@@ -130,19 +130,14 @@ def cases(tokens: int, device: str, dtype: torch.dtype, sizes: dict) -> list[Cas
         return [_randn(tokens, inter, dtype=dtype, device=device), _randn(tokens, inter, dtype=dtype, device=device)]
 
     # "ours" is what the patched MLP runs: grads written over gate and up, as Liger-Kernel does too.
-    liger_swiglu = _liger("swiglu")
-    impls = {"ours": lambda g, u: swiglu.swiglu(g, u, grads_into_inputs=True), "ours_fresh_grads": swiglu.swiglu,
-             "eager": swiglu.swiglu_reference, "compile": torch.compile(swiglu.swiglu_reference)}
-    if liger_swiglu:
-        impls["liger"] = liger_swiglu.LigerSiLUMulFunction.apply
-    out.append(Case("swiglu", f"{tokens}x{inter}", glu_inputs, impls))
-
-    liger_geglu = _liger("geglu")
-    impls = {"ours": lambda g, u: geglu.geglu(g, u, grads_into_inputs=True), "ours_fresh_grads": geglu.geglu,
-             "eager": geglu.geglu_reference, "compile": torch.compile(geglu.geglu_reference)}
-    if liger_geglu:
-        impls["liger"] = liger_geglu.LigerGELUMulFunction.apply
-    out.append(Case("geglu", f"{tokens}x{inter}", glu_inputs, impls))
+    for name, module, liger_class in (("swiglu", swiglu, "LigerSiLUMulFunction"), ("geglu", geglu, "LigerGELUMulFunction")):
+        op, reference = getattr(module, name), getattr(module, f"{name}_reference")
+        impls = {"ours": lambda g, u, op=op: op(g, u, grads_into_inputs=True), "ours_fresh_grads": op,
+                 "eager": reference, "compile": torch.compile(reference)}
+        liger = _liger(name)
+        if liger:
+            impls["liger"] = getattr(liger, liger_class).apply
+        out.append(Case(name, f"{tokens}x{inter}", glu_inputs, impls))
 
     def ce_inputs():
         labels = torch.randint(0, vocab, (tokens,), device=device)
