@@ -133,3 +133,43 @@ def test_patched_mlp_keeps_a_projection_output_that_its_own_op_saved_for_backwar
     actual = grads()
     for name, grad in actual.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _Doubled(torch.autograd.Function):
+    """A custom autograd Function that saves its input, as most do."""
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return a * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        return grad * 2 + 0 * a
+
+
+class _DoubledModule(torch.nn.Module):
+    def forward(self, a):
+        return _Doubled.apply(a)
+
+
+@pytest.mark.parametrize("gate_from", ["linear", "custom_function"])
+def test_patched_mlp_under_activation_checkpointing_recomputes_once_and_matches(gate_from):
+    # From a custom Function, deciding whether the gate may be overwritten must not unpack that Function's
+    # saved tensors in forward, which under checkpointing would run an extra recomputation.
+    from torch.utils.checkpoint import checkpoint
+
+    mlp = _llama_mlp()
+    if gate_from == "custom_function":
+        mlp.gate_proj = torch.nn.Sequential(mlp.gate_proj, _DoubledModule())
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE).requires_grad_()
+    expected = torch.autograd.grad(checkpoint(mlp, x, use_reentrant=False).square().sum(), x)[0]
+    apply_kernels(mlp, KernelSettings(swiglu=True))
+    calls = []
+    mlp.up_proj.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    grad = torch.autograd.grad(checkpoint(mlp, x, use_reentrant=False).square().sum(), x)[0]
+
+    assert len(calls) == 2  # the forward and one recomputation in backward
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)

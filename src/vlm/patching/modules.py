@@ -76,17 +76,34 @@ def _outputs_are_private(*modules: nn.Module) -> bool:
     return not any(m._forward_hooks for m in modules)
 
 
+def _functions_that_keep_no_output() -> tuple[type, ...]:
+    """Custom autograd Functions known to save none of their outputs for backward (they save inputs only)."""
+    from vlm.kernels.qlora_linear import QLoRALinearFunction
+
+    known: list[type] = [QLoRALinearFunction]
+    try:
+        from bitsandbytes.autograd._functions import MatMul4Bit
+
+        known.append(MatMul4Bit)
+    except ImportError:
+        pass
+    return tuple(known)
+
+
 def _overwritable(tensor: torch.Tensor) -> bool:
     """True when the autograd graph keeps no reference to ``tensor``'s memory for a backward of its own: a
-    non-leaf whose producing op (behind any view) does not save its result, as tanh or sigmoid would."""
+    non-leaf whose producing op (behind any view) does not save its result, as tanh or sigmoid would.
+
+    Decided from the node's type alone: reading its saved tensors would run the unpack hooks of
+    activation checkpointing (a recomputation) in the middle of the forward.
+    """
     base = tensor._base if tensor._is_view() else tensor
     node = base.grad_fn
     if node is None:  # a leaf: its memory is the parameter or input itself
         return False
-    if hasattr(node, "_saved_result"):
-        return False
-    saved = getattr(node, "saved_tensors", ())  # custom autograd Functions
-    return all(t is None or t.untyped_storage().data_ptr() != base.untyped_storage().data_ptr() for t in saved)
+    if isinstance(node, torch.autograd.function.BackwardCFunction):  # a custom Function: only known ones
+        return issubclass(node._forward_cls, _functions_that_keep_no_output())
+    return not hasattr(type(node), "_saved_result")
 
 
 def patch_gated_mlps(model: nn.Module, report: PatchReport, *, swiglu: bool, geglu: bool) -> None:
