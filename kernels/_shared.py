@@ -32,6 +32,15 @@ ROW_TILE_ELEMENTS = 2048  # elements a program loads per step: several rows when
 BACKWARD_WARPS_PER_SM = 16  # resident warps of persistent backward programs per SM
 
 
+@triton.jit
+def row_block(first_row, n_rows, col_ok, ROWS: tl.constexpr):
+    """The ROWS rows of a norm's [ROWS, BLOCK] tile from ``first_row``: their indices (int64, since row * stride
+    can pass 2**31 at long sequences), which of them exist, and the tile's mask."""
+    rows = first_row + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    return rows.to(tl.int64), row_ok, row_ok[:, None] & col_ok[None, :]
+
+
 def row_tile(width: int) -> tuple[int, int, int]:
     """(BLOCK, ROWS, num_warps): one row per program, several when rows are narrow so each program moves enough data."""
     block = triton.next_power_of_2(width)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import as_rows, backward_programs, round_to_nearest, row_tile, sum_partials
+from ._shared import as_rows, backward_programs, round_to_nearest, row_block, row_tile, sum_partials
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -19,14 +19,11 @@ def _layer_norm_forward_kernel(
     X, W, B, Y, MEAN, RSTD, n_rows, n_cols, x_row_stride, y_row_stride, eps,
     BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    row_ok = rows < n_rows
     col_ok = cols < n_cols
-    mask = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)  # rows * stride can pass 2**31 at long sequences
+    rows, row_ok, mask = row_block(tl.program_id(0) * ROWS, n_rows, col_ok, ROWS)
 
-    x = tl.load(X + rows64[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / n_cols
     # Two-pass variance (the row is in registers): no cancellation for rows with a large mean.
     centered = tl.where(mask, x - mean[:, None], 0.0)
@@ -34,7 +31,7 @@ def _layer_norm_forward_kernel(
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = centered * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(Y + rows64[:, None] * y_row_stride + cols[None, :], round_to_nearest(y, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows[:, None] * y_row_stride + cols[None, :], round_to_nearest(y, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + rows, mean, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
@@ -52,12 +49,9 @@ def _layer_norm_backward_kernel(
     dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     db = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     for first_row in range(pid * ROWS, n_rows, n_programs * ROWS):
-        rows = first_row + tl.arange(0, ROWS)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & col_ok[None, :]
-        rows64 = rows.to(tl.int64)
-        x = tl.load(X + rows64[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rows, row_ok, mask = row_block(first_row, n_rows, col_ok, ROWS)
+        x = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -68,7 +62,7 @@ def _layer_norm_backward_kernel(
         g_mean = tl.sum(g, axis=1) / n_cols
         projection = tl.sum(g * x_hat, axis=1) / n_cols
         dx = rstd[:, None] * (g - g_mean[:, None] - x_hat * projection[:, None])
-        tl.store(DX + rows64[:, None] * dx_row_stride + cols[None, :], round_to_nearest(dx, DX.dtype.element_ty).to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * dx_row_stride + cols[None, :], round_to_nearest(dx, DX.dtype.element_ty).to(DX.dtype.element_ty), mask=mask)
     if COMPUTE_DW_DB:
         tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_ok)
         tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db, axis=0), mask=col_ok)

@@ -3,6 +3,7 @@ the QLoRA linear. Each checks that the module computes what the kernel computes,
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -76,6 +77,7 @@ def _outputs_are_private(*modules: nn.Module) -> bool:
     return not any(m._forward_hooks for m in modules)
 
 
+@functools.cache
 def _functions_that_keep_no_output() -> tuple[type, ...]:
     """Custom autograd Functions known to save none of their outputs for backward (they save inputs only)."""
     from vlm.kernels.qlora_linear import QLoRALinearFunction
