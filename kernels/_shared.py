@@ -1,26 +1,30 @@
 """Pieces several kernels share: rounding that agrees between GPU and interpreter, and the tiling
 of row-wise kernels (norms). Imports torch and triton only."""
 
+import os
 from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
+# Triton decides the same way, when a kernel is decorated, whether it runs in its CPU interpreter.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
 
 @triton.jit
 def round_to_nearest(value, DTYPE: tl.constexpr):
     """fp32 ``value`` rounded to nearest-even in ``DTYPE``, still held in fp32 (a later cast is exact).
 
-    GPUs round on fp32 → bf16 casts; Triton's CPU interpreter truncates. Rounding bf16 by hand
-    (a few integer ops in memory-bound kernels) makes both give the same bits.
+    GPUs round on fp32 → bf16 casts (and the compiler folds the round trip into the final cast); Triton's
+    CPU interpreter truncates, so there bf16 is rounded by hand, giving the GPU's bits.
     """
-    if DTYPE == tl.bfloat16:
+    if DTYPE == tl.bfloat16 and INTERPRETED:
         bits = value.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16 << 16
         return bits.to(tl.float32, bitcast=True)
-    elif DTYPE == tl.float16:
-        return value.to(tl.float16).to(tl.float32)
+    elif DTYPE == tl.bfloat16 or DTYPE == tl.float16:
+        return value.to(DTYPE).to(tl.float32)
     else:
         return value
 
@@ -55,47 +59,77 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def backward_programs(x: torch.Tensor, row_tiles: int, num_warps: int) -> int:
-    """Persistent programs, ``BACKWARD_WARPS_PER_SM`` warps per SM; each sums its rows' parameter grads in
-    fp32, so only this many partial rows remain to reduce."""
+def multiprocessors(tensor: torch.Tensor) -> int:
+    """SMs of the CUDA device that holds ``tensor``."""
+    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    return _multiprocessors(index)
+
+
+def backward_programs(x: torch.Tensor, row_tiles: int, num_warps: int, sums_weight_grads: bool) -> int:
+    """Programs of a norm's backward. When it sums weight grads: persistent programs, ``BACKWARD_WARPS_PER_SM``
+    warps per SM, each summing its rows' grads in fp32, so only this many partial rows remain to reduce.
+    Otherwise (frozen weights) one per row tile: nothing to sum, and the most loads in flight."""
+    if not sums_weight_grads:
+        return row_tiles
     if not x.is_cuda:
         return max(1, min(row_tiles, 4))
-    device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     per_sm = max(1, BACKWARD_WARPS_PER_SM // num_warps)
-    return max(1, min(row_tiles, per_sm * _multiprocessors(device_index)))
+    return max(1, min(row_tiles, per_sm * multiprocessors(x)))
 
 
+# Swept on an H100 over 64-1024 columns, 1-32 rows and 4 or 8 warps: best or within 5% for norm weight grads
+# (264-1056 partial rows of 1280-4096) and LoRA products (5-56 rows of 131072-229376).
 _PARTIAL_COLS = 64
-_PARTIAL_ROWS = 32
+_PARTIAL_ROWS = 16
+_PARTIAL_WARPS = 8
 
 
 @triton.jit
-def _sum_partials_kernel(PARTIALS, OUT0, OUT1, n_partials, n_cols, BLOCK_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-    group = tl.program_id(1)
-    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+def _column_sum(PARTIALS, OUT, n_partials, n_cols, scale, cols, BLOCK_ROWS: tl.constexpr):
     col_ok = cols < n_cols
-    base = PARTIALS + group.to(tl.int64) * n_partials * n_cols
-    total = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
+    total = tl.zeros((BLOCK_ROWS, cols.shape[0]), dtype=tl.float32)
     for first in range(0, n_partials, BLOCK_ROWS):
         rows = first + tl.arange(0, BLOCK_ROWS)
         mask = (rows < n_partials)[:, None] & col_ok[None, :]
-        total += tl.load(base + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
-    column_sum = tl.sum(total, axis=0)
-    if group == 0:
-        tl.store(OUT0 + cols, round_to_nearest(column_sum, OUT0.dtype.element_ty).to(OUT0.dtype.element_ty), mask=col_ok)
+        total += tl.load(PARTIALS + rows[:, None].to(tl.int64) * n_cols + cols[None, :], mask=mask, other=0.0)
+    column_sum = tl.sum(total, axis=0) * scale
+    tl.store(OUT + cols, round_to_nearest(column_sum, OUT.dtype.element_ty).to(OUT.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    PARTIALS0, OUT0, n_partials0, n_cols0, scale0, PARTIALS1, OUT1, n_partials1, n_cols1, scale1,
+    BLOCK_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    if tl.program_id(1) == 0:
+        _column_sum(PARTIALS0, OUT0, n_partials0, n_cols0, scale0, cols, BLOCK_ROWS)
     else:
-        tl.store(OUT1 + cols, round_to_nearest(column_sum, OUT1.dtype.element_ty).to(OUT1.dtype.element_ty), mask=col_ok)
+        _column_sum(PARTIALS1, OUT1, n_partials1, n_cols1, scale1, cols, BLOCK_ROWS)
 
 
-def sum_partials(partials: torch.Tensor, dtypes: list[torch.dtype]) -> list[torch.Tensor]:
-    """``partials[g].sum(0).to(dtypes[g])`` for each of (at most two) groups of fp32 partial rows, in one launch."""
-    groups, n_partials, n_cols = partials.shape
-    if groups != len(dtypes) or groups not in (1, 2):
-        raise ValueError(f"{groups} groups of partials and {len(dtypes)} dtypes; one or two of each expected")
-    sums = [torch.empty(n_cols, dtype=dtype, device=partials.device) for dtype in dtypes]
-    _sum_partials_kernel[(triton.cdiv(n_cols, _PARTIAL_COLS), groups)](
-        partials, sums[0], sums[-1], n_partials, n_cols, BLOCK_COLS=_PARTIAL_COLS, BLOCK_ROWS=_PARTIAL_ROWS,
-    )
+def sum_partials(
+    partials: list[torch.Tensor], dtypes: list[torch.dtype], scales: list[float] | None = None
+) -> list[torch.Tensor]:
+    """``(scale * p.sum(0)).to(dtype)`` for each (of one or two) fp32 partial-sum tensors ``p`` [rows, columns],
+    summed in fp32 and rounded once, in one launch."""
+    scales = scales or [1.0] * len(partials)
+    if len(partials) not in (1, 2) or len(dtypes) != len(partials) or len(scales) != len(partials):
+        raise ValueError(
+            f"{len(partials)} groups of partials, {len(dtypes)} dtypes and {len(scales)} scales; "
+            "one or two of each, as many of each, expected"
+        )
+    for p in partials:
+        if p.dim() != 2 or p.dtype != torch.float32 or not p.is_contiguous():
+            raise ValueError(f"partials must be contiguous 2-D fp32 tensors, got {p.dtype} {tuple(p.shape)}")
+    sums = [torch.empty(p.shape[1], dtype=dtype, device=p.device) for p, dtype in zip(partials, dtypes)]
+    args = [a for p, out, scale in zip(partials, sums, scales) for a in (p, out, p.shape[0], p.shape[1], float(scale))]
+    if len(partials) == 1:
+        args *= 2  # the second group's arguments are never read
+    widest = max(p.shape[1] for p in partials)
+    if widest > 0:
+        grid = (triton.cdiv(widest, _PARTIAL_COLS), len(partials))
+        _sum_partials_kernel[grid](*args, BLOCK_COLS=_PARTIAL_COLS, BLOCK_ROWS=_PARTIAL_ROWS, num_warps=_PARTIAL_WARPS)
     return sums
 
 

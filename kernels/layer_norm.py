@@ -90,7 +90,7 @@ def _layer_norm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     n_rows, n_cols = x.shape
     block, rows, num_warps = row_tile(n_cols)
-    programs = backward_programs(x, triton.cdiv(n_rows, rows), num_warps)
+    programs = backward_programs(x, triton.cdiv(n_rows, rows), num_warps, compute_dw_db)
     dx = torch.empty_like(x)
     # fp32 partial sums per program, reduced once below: no bf16 atomics.
     partials = torch.empty((2, programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw_db else None
@@ -102,7 +102,7 @@ def _layer_norm_backward(
     )
     if not compute_dw_db:
         return dx, None, None
-    dw, db = sum_partials(partials, [weight.dtype, bias_dtype])
+    dw, db = sum_partials([dw_partial, db_partial], [weight.dtype, bias_dtype])
     return dx, dw, db
 
 

@@ -80,15 +80,15 @@ def _rms_norm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     n_rows, n_cols = x.shape
     block, rows, num_warps = row_tile(n_cols)
-    programs = backward_programs(x, triton.cdiv(n_rows, rows), num_warps)
+    programs = backward_programs(x, triton.cdiv(n_rows, rows), num_warps, compute_dw)
     dx = torch.empty_like(x)
     # fp32 partial sums per program, reduced once below: exact-order, no bf16 atomics.
-    dw_partial = torch.empty((1, programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
+    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
     _rms_norm_backward_kernel[(programs,)](
         dy, x, weight, rstd, dx, dw_partial, n_rows, n_cols, dy.stride(0), x.stride(0), dx.stride(0),
         BLOCK=block, ROWS=rows, COMPUTE_DW=compute_dw, num_warps=num_warps,
     )
-    dw = sum_partials(dw_partial, [weight.dtype])[0] if compute_dw else None
+    dw = sum_partials([dw_partial], [weight.dtype])[0] if compute_dw else None
     return dx, dw
 
 
