@@ -9,6 +9,8 @@ the output grad gives the grads of both B and the LoRA intermediate.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
@@ -179,6 +181,52 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype | None 
     return out
 
 
+# ----------------------------------------------------------------------------- overlap
+
+
+# Dequantization and the LoRA products are memory-bound and leave the GPU room: on a second stream they run beside
+# the products (and, in backward, grad A beside the big GEMM) instead of after them.
+OVERLAP_ON_SIDE_STREAM = True
+
+
+@lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+class _Beside:
+    """Work queued on a side stream, after what the current stream has queued so far; without CUDA (or with
+    ``OVERLAP_ON_SIDE_STREAM`` off) it simply runs in order."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda" and OVERLAP_ON_SIDE_STREAM
+        if self.enabled:
+            self.main, self.side = torch.cuda.current_stream(device), _side_stream(device)
+            self.side.wait_stream(self.main)
+
+    def start(self, work, *uses: torch.Tensor):  # noqa: ANN001, ANN205
+        """``work()`` on the side stream (after the current stream's queue so far, once more); ``uses`` are the
+        current stream's tensors it reads. Returns a handle for ``result``."""
+        if not self.enabled:
+            return work(), None
+        self.side.wait_stream(self.main)
+        for tensor in uses:
+            tensor.record_stream(self.side)  # not reused before the side stream has read it
+        with torch.cuda.stream(self.side):
+            value = work()
+        done = torch.cuda.Event()
+        done.record(self.side)
+        return value, done
+
+    def result(self, handle) -> torch.Tensor:  # noqa: ANN001
+        """The work's result, with the current stream waiting for it (and only for it)."""
+        value, done = handle
+        if done is not None:
+            self.main.wait_event(done)
+            value.record_stream(self.main)
+        return value
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -190,14 +238,15 @@ class QLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight4bit, quant_state, lora_A, lora_B, scaling, bias):
+        beside = _Beside(x.device)
+        weight = beside.start(lambda: dequantize_nf4(weight4bit, quant_state, dtype=x.dtype))
         # tokens x r, kept for grad B; alpha scales it in the GEMM's epilogue (beta=0: the uninitialized
         # input is ignored). A single thin product is as fast in cuBLAS as in ``thin_products``.
         x_a = torch.addmm(x.new_empty(()), x, lora_A.t(), beta=0, alpha=scaling)
         # The small LoRA product (and bias) goes first, so the big GEMM adds it in its epilogue
         # (beta=1) instead of a later pass reading and rewriting the whole output.
         out = torch.addmm(bias, x_a, lora_B.t()) if bias is not None else torch.mm(x_a, lora_B.t())
-        weight = dequantize_nf4(weight4bit, quant_state, dtype=x.dtype)
-        out.addmm_(x, weight.t())
+        out.addmm_(x, beside.result(weight).t())
         del weight  # the 16-bit weight lives only for this matmul
         ctx.save_for_backward(x, weight4bit, lora_A, lora_B, x_a)
         ctx.quant_state, ctx.scaling = quant_state, scaling
@@ -209,18 +258,22 @@ class QLoRALinearFunction(torch.autograd.Function):
         needs_x, _, _, needs_A, needs_B, _, needs_bias = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
         grad_x = grad_A = grad_B = grad_bias = None
+        beside = _Beside(grad_out.device)
+        if needs_x:
+            weight = beside.start(lambda: dequantize_nf4(weight4bit, ctx.quant_state, dtype=grad_out.dtype))
         if needs_x or needs_A or needs_B:
             # scaling * dy @ B, the grad of the LoRA intermediate, and grad B = dy.T @ x_a (x_a carries the scaling).
             grad_x_a, grad_B = thin_products(
                 grad_out, lora_B if needs_x or needs_A else None, x_a if needs_B else None, right_scale=ctx.scaling
             )
+        if needs_A:
+            grad_A = beside.start(lambda: torch.mm(grad_x_a.t(), x), grad_x_a, x)
         if needs_x:
             grad_x = torch.mm(grad_x_a, lora_A)
-            weight = dequantize_nf4(weight4bit, ctx.quant_state, dtype=grad_out.dtype)
-            grad_x.addmm_(grad_out, weight)  # beta=1: accumulates in the GEMM epilogue
+            grad_x.addmm_(grad_out, beside.result(weight))  # beta=1: accumulates in the GEMM epilogue
             del weight
         if needs_A:
-            grad_A = torch.mm(grad_x_a.t(), x)
+            grad_A = beside.result(grad_A)
         if needs_bias:
             grad_bias = grad_out.sum(0)
         return grad_x, None, None, grad_A, grad_B, None, grad_bias

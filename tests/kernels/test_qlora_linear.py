@@ -234,3 +234,26 @@ def test_qlora_linear_at_mlp_size_on_cuda():
     packed, quant_state = _quantized_weight(14336, 4096, torch.bfloat16, True, generator, device="cuda")
     _assert_same_bits(dequantize_nf4(packed, quant_state), bnb_functional.dequantize_4bit(packed, quant_state))
     _check_against_float64_reference((4096, 4096), 14336, 16, torch.bfloat16, True, device="cuda", seed=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("on_default_stream", [True, False], ids=["default_stream", "user_stream"])
+def test_side_stream_overlap_changes_no_bit_of_outputs_or_grads(monkeypatch, on_default_stream):
+    from vlm.kernels import qlora_linear as module
+
+    generator = torch.Generator().manual_seed(6)
+    packed, quant_state, lora_A, lora_B, bias = _random_layer(1536, 1024, 16, torch.bfloat16, True, generator, "cuda")
+    x = torch.randn(2048, 1024, generator=generator).to("cuda", torch.bfloat16)
+    grad_out = torch.randn(2048, 1536, generator=generator).to("cuda", torch.bfloat16)
+    common = dict(weight4bit=packed, quant_state=quant_state, scaling=2.0, bias=bias)
+
+    results = {}
+    for overlap in (False, True):
+        monkeypatch.setattr(module, "OVERLAP_ON_SIDE_STREAM", overlap)
+        stream = torch.cuda.current_stream() if on_default_stream else torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            results[overlap] = _forward_and_grads(qlora_linear, x, lora_A, lora_B, grad_out, **common)
+        torch.cuda.synchronize()
+    for serial, overlapped in zip(results[False], results[True]):  # out, grad x, grad A, grad B
+        _assert_same_bits(overlapped, serial)
