@@ -1,5 +1,6 @@
-"""Pieces several kernels share: rounding that agrees between GPU and interpreter, and the tiling
-of row-wise kernels (norms). Imports torch and triton only."""
+"""Pieces several kernels share: rounding that agrees between GPU and interpreter, the tiling of row-wise
+kernels (norms), the one-launch reduction of fp32 partial sums (norm weight grads, thin products), and the
+gated activations' launchers. Imports torch and triton only."""
 
 import os
 from functools import lru_cache
