@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import assert_close_at_scale, dtype_id
 
 bnb = pytest.importorskip("bitsandbytes")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
@@ -27,10 +28,6 @@ DTYPES = list(TOLERANCES)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.int32 if tensor.element_size() == 4 else torch.int16)
 
@@ -39,11 +36,6 @@ def _assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     mismatches = (_bits(actual) != _bits(expected)).sum().item()
     assert mismatches == 0, f"{mismatches} of {expected.numel()} values differ"
-
-
-def _assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    scale = expected.double().pow(2).mean().sqrt().clamp(min=1e-30)
-    torch.testing.assert_close(actual.double() / scale, expected.double() / scale, **TOLERANCES[dtype])
 
 
 def _quantized_weight(out_features, in_features, dtype, double_quant, generator, device=DEVICE):
@@ -56,7 +48,7 @@ def _quantized_weight(out_features, in_features, dtype, double_quant, generator,
 # ----------------------------------------------------------------------------- dequantization
 
 
-@pytest.mark.parametrize("quant_dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("quant_dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("double_quant", [False, True], ids=["absmax_fp32", "double_quant"])
 @pytest.mark.parametrize(
     "shape",
@@ -81,8 +73,8 @@ def test_dequantize_nf4_equals_bitsandbytes_for_other_blocksizes(blocksize):
     _assert_same_bits(dequantize_nf4(packed, quant_state), bnb_functional.dequantize_4bit(packed, quant_state))
 
 
-@pytest.mark.parametrize("quant_dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("out_dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("quant_dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=dtype_id)
 def test_dequantize_nf4_into_another_dtype_equals_bitsandbytes_then_cast(quant_dtype, out_dtype):
     generator = torch.Generator().manual_seed(1)
     packed, quant_state = _quantized_weight(33, 130, quant_dtype, True, generator)
@@ -128,10 +120,10 @@ def _check_against_float64_reference(x_shape, out_features, rank, dtype, with_bi
     )
     for name, a, e in zip(["out", "grad_x", "grad_A", "grad_B"], actual, expected):
         assert a.dtype == dtype and a.shape == e.shape, name
-        _assert_close_at_scale(a, e, dtype)
+        assert_close_at_scale(a, e, TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("rank", [1, 8])
 @pytest.mark.parametrize(
@@ -203,7 +195,7 @@ def _peft_lora_layer(in_features, out_features, dtype, generator):
     return layer.train()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_qlora_linear_and_its_reference_equal_peft_lora_on_bitsandbytes_linear4bit(dtype):
     generator = torch.Generator().manual_seed(4)
     layer = _peft_lora_layer(96, 80, dtype, generator)
@@ -220,9 +212,9 @@ def test_qlora_linear_and_its_reference_equal_peft_lora_on_bitsandbytes_linear4b
         scaling = layer.scaling["default"]
         out = op(inputs[0], weight, weight.quant_state, inputs[1], inputs[2], scaling, bias=layer.base_layer.bias)
         out.backward(grad_out)
-        _assert_close_at_scale(out, expected, dtype)
+        assert_close_at_scale(out, expected, TOLERANCES[dtype])
         for actual, wanted in zip([t.grad for t in inputs], expected_grads):
-            _assert_close_at_scale(actual, wanted, dtype)
+            assert_close_at_scale(actual, wanted, TOLERANCES[dtype])
 
 
 # ----------------------------------------------------------------------------- real size

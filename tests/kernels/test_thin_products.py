@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import assert_close_at_scale, dtype_id
 
 from vlm.kernels.thin_products import THIN_MAX_RANK, ThinTiling, thin_products
 
@@ -19,21 +20,16 @@ TOLERANCES = {
 RAGGED = ThinTiling(block_m=16, block_n=32, num_warps=4, programs_per_sm=4)
 
 
-def _dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _random(*shape, dtype, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
 
 
 def _assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    assert actual.dtype == dtype and actual.shape == expected.shape
-    scale = expected.pow(2).mean().sqrt().clamp(min=1e-30)
-    torch.testing.assert_close(actual.double() / scale, expected / scale, **TOLERANCES[dtype])
+    assert actual.dtype == dtype
+    assert_close_at_scale(actual, expected, TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=_dtype_id)
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=dtype_id)
 @pytest.mark.parametrize("rank", [1, 8, 24, THIN_MAX_RANK, THIN_MAX_RANK + 8])
 @pytest.mark.parametrize(
     "rows, cols, tiling",
@@ -53,7 +49,7 @@ def test_both_products_from_one_pass_match_float64(rows, cols, tiling, rank, dty
     _assert_close_at_scale(big_t_left, f64[0].t() @ f64[2], dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_either_product_alone_and_a_transposed_right_operand(dtype):
     big = _random(70, 100, dtype=dtype, seed=0)
     lora_A = _random(8, 100, dtype=dtype, seed=1)  # [r, in]: its .t() is the strided right operand
