@@ -22,8 +22,8 @@ def dtype_id(dtype: torch.dtype) -> str:
 
 
 def assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, tolerance: dict) -> None:
-    """``actual`` against ``expected`` (a float64 reference or a peer's result), both divided by the expected result's RMS: matmul sums grow with
-    their length, so ``tolerance`` is relative to the tensor's scale (a few units in the last place of a dtype)."""
+    """``actual`` against ``expected`` (a float64 reference or a peer's result), both divided by the expected
+    result's RMS: matmul sums grow with their length, so ``tolerance`` is relative to the tensor's scale."""
     assert actual.shape == expected.shape
     scale = expected.double().pow(2).mean().sqrt().clamp(min=1e-30)
     torch.testing.assert_close(actual.double() / scale, expected.double() / scale, **tolerance)
