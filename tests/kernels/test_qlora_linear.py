@@ -9,9 +9,11 @@ from kernel_checks import assert_close_at_scale, dtype_id
 bnb = pytest.importorskip("bitsandbytes")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
+from vlm.kernels import qlora_linear as qlora_module  # noqa: E402
 from vlm.kernels.qlora_linear import (  # noqa: E402
     dequantize_nf4,
     dequantize_nf4_reference,
+    dequantize_nf4_widened,
     qlora_linear,
     qlora_linear_reference,
 )
@@ -82,6 +84,31 @@ def test_dequantize_nf4_into_another_dtype_equals_bitsandbytes_then_cast(quant_d
     _assert_same_bits(dequantize_nf4(packed, quant_state, dtype=out_dtype), expected)
 
 
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax_fp32", "double_quant"])
+@pytest.mark.parametrize("rank, width", [(1, 192), (16, 256), (8, 136)], ids=["rank1_padded", "rank16_padded", "unpadded"])
+def test_widened_dequantization_is_weight_then_lora_b_then_zeros(rank, width, double_quant):
+    generator = torch.Generator().manual_seed(7)
+    packed, quant_state = _quantized_weight(70, 128, torch.bfloat16, double_quant, generator)
+    right = torch.randn(70, rank, generator=generator).to(DEVICE, torch.bfloat16)
+    wide = dequantize_nf4_widened(packed, quant_state, right, width)
+
+    assert wide.shape == (70, width)
+    _assert_same_bits(wide[:, :128].contiguous(), bnb_functional.dequantize_4bit(packed, quant_state))
+    _assert_same_bits(wide[:, 128:128 + rank].contiguous(), right)
+    assert torch.equal(wide[:, 128 + rank:], torch.zeros_like(wide[:, 128 + rank:]))
+
+
+def test_widened_dequantization_reads_a_transposed_right_operand_and_refuses_split_blocks():
+    generator = torch.Generator().manual_seed(8)
+    packed, quant_state = _quantized_weight(40, 64, torch.float32, True, generator)
+    right = torch.randn(4, 40, generator=generator).to(DEVICE).t()  # [40, 4], column-major
+    wide = dequantize_nf4_widened(packed, quant_state, right, 128)
+    _assert_same_bits(wide[:, 64:68].contiguous(), right.contiguous())
+    packed, quant_state = _quantized_weight(40, 100, torch.float32, True, generator)  # rows end mid-block
+    with pytest.raises(ValueError, match="whole blocks"):
+        dequantize_nf4_widened(packed, quant_state, right, 128)
+
+
 # ----------------------------------------------------------------------------- the linear layer
 
 
@@ -133,6 +160,20 @@ def _check_against_float64_reference(x_shape, out_features, rank, dtype, with_bi
 )
 def test_qlora_linear_matches_float64_reference_forward_and_backward(x_shape, out_features, rank, with_bias, dtype):
     _check_against_float64_reference(x_shape, out_features, rank, dtype, with_bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("rank", [1, 8, 32])
+@pytest.mark.parametrize("lora_inside_gemm", [True, False], ids=["lora_inside_gemm", "lora_before_gemm"])
+def test_both_forward_paths_match_float64_reference(lora_inside_gemm, rank, dtype, monkeypatch):
+    # [x | x_a] @ [W | B].T, or the LoRA product first and the GEMM accumulating onto it: chosen by shape.
+    monkeypatch.setattr(qlora_module, "LORA_INSIDE_GEMM_MIN_WIDENING", 0.0 if lora_inside_gemm else float("inf"))
+    taken = []
+    for path in ("_forward_lora_inside_gemm", "_forward_lora_before_gemm"):
+        original = getattr(qlora_module, path)
+        monkeypatch.setattr(qlora_module, path, lambda *a, _f=original, _p=path: taken.append(_p) or _f(*a))
+    _check_against_float64_reference((2, 3, 128), 96, rank, dtype, with_bias=True)
+    assert taken == ["_forward_lora_inside_gemm" if lora_inside_gemm else "_forward_lora_before_gemm"]
 
 
 def test_only_lora_grads_when_input_is_frozen():
