@@ -1,6 +1,6 @@
 """Pieces several kernels share: rounding that agrees between GPU and interpreter, the tiling of row-wise
-kernels (norms), the one-launch reduction of fp32 partial sums (norm weight grads, thin products), and the
-gated activations' launchers. Imports torch and triton only."""
+kernels (norms), the one-launch reduction of fp32 partial sums (norm weight grads, thin products), the launch
+constants of rank-r ``tl.dot`` products (thin products, widened LoRA input), and the gated activations' launchers. Imports torch and triton only."""
 
 import os
 from functools import lru_cache
@@ -76,6 +76,18 @@ def backward_programs(x: torch.Tensor, row_tiles: int, num_warps: int, sums_weig
         return max(1, min(row_tiles, 4))
     per_sm = max(1, BACKWARD_WARPS_PER_SM // num_warps)
     return max(1, min(row_tiles, per_sm * multiprocessors(x)))
+
+
+def rank_dot_constants(operand: torch.Tensor, rank: int) -> dict:
+    """Launch constants of a kernel that multiplies tiles of ``operand`` by a rank-r matrix with ``tl.dot``:
+    ``RANK``, the rank padded to a power of two of at least 16 (``tl.dot``'s narrowest; the pad loads as zeros),
+    ``PRECISION`` (exact products for fp32) and ``DOT_IN_FP32`` (off the GPU: Triton's CPU interpreter gets bf16
+    dots wrong, while fp32 products of the same values are exact)."""
+    return dict(
+        RANK=max(16, triton.next_power_of_2(rank)),
+        PRECISION="ieee" if operand.dtype == torch.float32 or not operand.is_cuda else "tf32",
+        DOT_IN_FP32=not operand.is_cuda,
+    )
 
 
 _PARTIAL_COLS = 64

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import multiprocessors, sum_partials
+from ._shared import multiprocessors, rank_dot_constants, sum_partials
 
 
 def thin_products_reference(
@@ -123,10 +123,8 @@ def thin_products(
         big if right is None else right_partial, big if left is None else left_partial,
         n_rows, n_cols, rank, rows_per_group, big.stride(0),
         0 if right is None else right.stride(0), 0 if right is None else right.stride(1),
-        RANK=max(16, triton.next_power_of_2(rank)), BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
-        PRECISION="ieee" if big.dtype == torch.float32 or not big.is_cuda else "tf32",
-        # Triton's CPU interpreter gets bf16 dots wrong; fp32 products of the same values are exact.
-        DOT_IN_FP32=not big.is_cuda, WITH_RIGHT=right is not None, WITH_LEFT=left is not None,
+        **rank_dot_constants(big, rank), BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
+        WITH_RIGHT=right is not None, WITH_LEFT=left is not None,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
     partials = [(p, s) for p, s in ((right_partial, right_scale), (left_partial, 1.0)) if p is not None]

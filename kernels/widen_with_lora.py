@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import round_to_nearest
+from ._shared import rank_dot_constants, round_to_nearest
 
 # cuBLAS on an H100 at 8192 x 14336 x (4096 + 16): 1296 µs with rows of 4112 elements, 1239 µs with rows of
 # 4160 (a multiple of 64), against 1195 µs for 4096 alone.
@@ -98,10 +98,7 @@ def widen_with_lora(
     _widen_with_lora_kernel[(triton.cdiv(n_rows, _BLOCK_M),)](
         x, lora_A, wide, x_a, n_rows, n_cols, rank, width, x.stride(0), lora_A.stride(0), lora_A.stride(1),
         float(scale),
-        RANK=max(16, triton.next_power_of_2(rank)), PAD=triton.next_power_of_2(max(1, width - n_cols - rank)),
-        BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K_BYTES // x.element_size(),
-        PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "tf32",
-        # Triton's CPU interpreter gets bf16 dots wrong; fp32 products of the same values are exact.
-        DOT_IN_FP32=not x.is_cuda, num_warps=_WARPS, num_stages=_STAGES,
+        **rank_dot_constants(x, rank), PAD=triton.next_power_of_2(max(1, width - n_cols - rank)),
+        BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K_BYTES // x.element_size(), num_warps=_WARPS, num_stages=_STAGES,
     )
     return wide, x_a
