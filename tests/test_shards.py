@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 
@@ -21,7 +22,16 @@ from vlm.data.records import (
     align_placeholders,
     normalize_conversation,
 )
-from vlm.data.shards import decode_sample, encode_image, shard_pattern, write_shards
+from vlm.data.shards import (
+    ImageFile,
+    ShardSeries,
+    decode_sample,
+    encode_image,
+    encode_record,
+    image_file,
+    shard_pattern,
+    write_shards,
+)
 from vlm.data.stream import sample_stream
 
 
@@ -199,6 +209,17 @@ def test_decode_sample_prepends_placeholders_for_a_llava_record_without_any():
     assert len(sample.images) == 1
 
 
+@pytest.mark.parametrize("extension", ["jpg", "jpeg", "webp", "png"])
+def test_decode_sample_reads_jpeg_webp_and_png_entries(extension):
+    image_format = "jpg" if extension == "jpeg" else extension
+    conversation = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]
+    data = encode_image(solid((250, 0, 0), 12), image_format)
+    sample = decode_sample(raw("k", conversation, {extension: data}, listed=[extension]))
+    assert sample.images[0].size == (12, 12) and sample.images[0].mode == "RGB"
+    r, g, b = sample.images[0].getpixel((6, 6))
+    assert r > 240 and g < 10 and b < 10
+
+
 GOOD_TURNS = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]
 
 
@@ -245,3 +266,62 @@ def test_shard_pattern_of_one_path_is_the_path_and_gaps_become_a_brace_list(tmp_
         shard_pattern([])
     with pytest.raises(ValueError):
         shard_pattern(["d/a-000000.tar", "d/b-000001.tar"])
+
+
+# --- image files and records with encoded images --------------------------------------------------
+
+
+def file_bytes(image: Image.Image, pil_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=pil_format)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("pil_format", "extension"), [("JPEG", "jpg"), ("WEBP", "webp"), ("PNG", "png")])
+def test_image_file_keeps_the_bytes_of_formats_the_reader_takes_named_by_their_real_format(pil_format, extension):
+    data = file_bytes(solid((10, 20, 30)), pil_format)
+    assert image_file(data, "here") == ImageFile(data, extension)
+
+
+@pytest.mark.parametrize("pil_format", ["BMP", "GIF", "TIFF"])
+def test_image_file_re_encodes_other_formats_as_png(pil_format):
+    stored = image_file(file_bytes(solid((10, 20, 30)), pil_format), "here")
+    assert stored.extension == "png"
+    with Image.open(io.BytesIO(stored.data)) as image:
+        assert image.format == "PNG" and image.convert("RGB").getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_image_file_refuses_bytes_that_do_not_decode_in_full():
+    data = file_bytes(solid((10, 20, 30), 64), "PNG")
+    with pytest.raises(RecordError, match="here: cannot decode image") as caught:
+        image_file(data[: len(data) // 2], "here")
+    assert caught.value.reason == REASON_UNREADABLE_IMAGE
+
+
+def test_encode_record_stores_files_as_they_are_and_names_several_by_index_and_own_extension(tmp_path):
+    jpeg, png = file_bytes(solid((1, 2, 3)), "JPEG"), file_bytes(solid((4, 5, 6), 5), "PNG")
+    record = encode_record("k", qa("<image> then <image>", "ok"), [ImageFile(jpeg, "jpg"), ImageFile(png, "png")])
+    assert record["0.jpg"] == jpeg and record["1.png"] == png
+    assert json.loads(record["json"])["images"] == ["0.jpg", "1.png"]
+    with ShardSeries(tmp_path, "t", 10) as series:
+        series.write(record)
+    (sample,) = read_all(str(series.paths[0]))
+    assert [i.size for i in sample.images] == [(8, 8), (5, 5)]
+
+
+def test_encode_record_rejects_a_placeholder_mismatch_and_an_extension_the_reader_would_not_take():
+    jpeg = ImageFile(file_bytes(solid((1, 2, 3)), "JPEG"), "jpg")
+    with pytest.raises(RecordError, match="placeholder") as caught:
+        encode_record("k", qa("<image><image>", "ok"), [jpeg])
+    assert caught.value.reason == REASON_PLACEHOLDER_MISMATCH
+    with pytest.raises(ValueError, match=r"'k'.*\['bmp'\]"):
+        encode_record("k", qa("<image>", "ok"), [ImageFile(b"BM...", "bmp")])
+
+
+def test_a_shard_series_removes_the_shard_it_was_writing_when_an_error_stops_it(tmp_path):
+    record = encode_record("k", qa("q", "a"), [])
+    with pytest.raises(RuntimeError), ShardSeries(tmp_path, "t", 1) as series:
+        series.write(record)
+        series.write(dict(record, __key__="k2"))
+        raise RuntimeError("stopped")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t-000000.tar"]

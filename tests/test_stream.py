@@ -14,7 +14,7 @@ from PIL import Image
 
 from vlm.data.records import Sample
 from vlm.data.shards import encode_image, shard_pattern, write_shards
-from vlm.data.stream import SkipCounter, sample_stream
+from vlm.data.stream import SkipCounter, sample_stream, shards_for_rank
 
 N_SHARDS, PER_SHARD = 6, 5
 
@@ -80,6 +80,15 @@ def test_ranks_partition_the_shards_between_them(shards, monkeypatch):
         seen.append(keys(sample_stream(shards, shuffle_buffer=8, seed=5, repeat=False)))
     assert len(seen[0]) == len(seen[1]) == len(ALL_KEYS) // 2
     assert sorted(seen[0] + seen[1]) == ALL_KEYS
+
+
+@pytest.mark.parametrize("world_size", [1, 4, 7])
+def test_shards_for_rank_counts_the_shards_the_stream_gives_that_rank(shards, monkeypatch, world_size):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    for rank in range(world_size):
+        monkeypatch.setenv("RANK", str(rank))
+        read = keys(sample_stream(shards, shuffle_buffer=8, seed=1, repeat=False))
+        assert len(read) == PER_SHARD * shards_for_rank(N_SHARDS, rank, world_size)
 
 
 def test_the_rank_is_pinned_when_the_pipeline_is_pickled_for_a_worker_process(shards, monkeypatch):

@@ -2,7 +2,8 @@
 
     vlm-shards demo --out DIR [--train N --val M --image-size S --seed K --samples-per-shard P]
     vlm-shards convert --input data.json|data.jsonl --images DIR --out DIR
-                       [--prefix train --samples-per-shard 1000 --image-format png|jpg|webp]
+                       [--prefix train --samples-per-shard 1000 --image-format keep|png|jpg|webp]
+                       [--val-fraction F | --val-count N] [--split-seed S]
 
 Both print the brace pattern(s) of the shards written, ready to pass as data urls.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vlm.data.convert import ConversionReport, InputFileError, convert
+from vlm.data.convert import VAL_PREFIX, ConversionReport, InputFileError, ValidationSplit, convert
 from vlm.data.demo import DEFAULT_SHARDS_PER_SPLIT, MIN_IMAGE_SIZE, write_demo_shards
 
 
@@ -24,6 +25,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, both excluded, got {text}")
     return value
 
 
@@ -52,14 +60,42 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"shard size (default: split each split into {DEFAULT_SHARDS_PER_SPLIT} shards)",
     )
 
-    conv = commands.add_parser("convert", help="convert LLaVA/ShareGPT JSON or JSONL plus images into shards")
+    conv = commands.add_parser(
+        "convert",
+        help="convert LLaVA/ShareGPT JSON or JSONL plus images into shards",
+        description="Convert LLaVA/ShareGPT JSON or JSONL records and their images into OUT/PREFIX-000000.tar, ... "
+        "and, with --val-fraction or --val-count, validation shards OUT/val-000000.tar, ...",
+    )
     conv.add_argument("--input", type=Path, required=True, help="records as a JSON array or JSONL")
     conv.add_argument("--images", type=Path, required=True, help="folder the records' image paths are relative to")
     conv.add_argument("--out", type=Path, required=True, help="output directory")
-    conv.add_argument("--prefix", default="train", help="shard name prefix (default train)")
+    conv.add_argument("--prefix", default="train", help="training shard name prefix (default train)")
     conv.add_argument("--samples-per-shard", type=_positive_int, default=1000, help="shard size (default 1000)")
     conv.add_argument(
-        "--image-format", choices=("png", "jpg", "webp"), default="png", help="image encoding in shards (default png)"
+        "--image-format",
+        choices=("keep", "png", "jpg", "webp"),
+        default="keep",
+        help="keep: store PNG, JPEG and WebP files byte for byte (format read from the content) and other "
+        "formats as PNG; png|jpg|webp: re-encode every image (default keep)",
+    )
+    split = conv.add_mutually_exclusive_group()
+    split.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        metavar="F",
+        help=f"send this fraction of the records (0 < F < 1; F x records rounded half up, at least 1) to "
+        f"{VAL_PREFIX}-*.tar shards",
+    )
+    split.add_argument(
+        "--val-count", type=_positive_int, metavar="N", help=f"send N of the records to {VAL_PREFIX}-*.tar shards"
+    )
+    conv.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seed of the choice of validation records (default 0): the same input, flags and seed give the "
+        "same split on every run and machine, whichever records are bad",
     )
     conv.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -77,22 +113,45 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  train: {patterns['train']}")
     print(f"  val:   {patterns['val']}")
     print("Train on them with:")
-    print(f"  vlm-train data.urls='{patterns['train']}' data.val_urls='{patterns['val']}'")
+    print(f"  {_train_command(patterns['train'], patterns['val'])}")
     return 0
 
 
-def _print_summary(report: ConversionReport, console: Console) -> None:
+def _train_command(urls: str, val_urls: str | None, data_group: str | None = None) -> str:
+    """A ``vlm-train`` command line for these shards, to paste into a POSIX shell."""
+    # Hydra reads an unquoted "{" as the start of a dict: the pattern needs Hydra's own quotes
+    # inside the shell's.
+    words = ["vlm-train", *([f"data={data_group}"] if data_group else []), f"\"data.urls='{urls}'\""]
+    if val_urls:
+        words.append(f"\"data.val_urls='{val_urls}'\"")
+    return " ".join(words)
+
+
+def _print_summary(report: ConversionReport, console: Console, split: bool) -> None:
     table = Table(title="conversion summary", show_header=False)
     table.add_row("written", str(report.written))
-    table.add_row("shards", str(len(report.shards)))
+    if split:
+        table.add_row("  to train shards", str(report.train_written))
+        table.add_row("  to val shards", str(report.val_written))
+        table.add_row("train shards", str(len(report.shards)))
+        table.add_row("val shards", str(len(report.val_shards)))
+    else:
+        table.add_row("shards", str(len(report.shards)))
     table.add_row("skipped", str(report.skipped.total))
     for reason, count in report.skipped.as_dict().items():
         table.add_row(f"  {reason}", str(count))
     console.print(table)
 
 
+def _validation_split(args: argparse.Namespace) -> ValidationSplit | None:
+    if args.val_fraction is None and args.val_count is None:
+        return None
+    return ValidationSplit(fraction=args.val_fraction, count=args.val_count, seed=args.split_seed)
+
+
 def run_convert(args: argparse.Namespace) -> int:
     console, errors = Console(), Console(stderr=True)
+    split = _validation_split(args)
     try:
         report = convert(
             args.input,
@@ -100,22 +159,38 @@ def run_convert(args: argparse.Namespace) -> int:
             args.out,
             prefix=args.prefix,
             samples_per_shard=args.samples_per_shard,
-            image_format=args.image_format,
+            image_format=None if args.image_format == "keep" else args.image_format,
+            val_split=split,
             progress=not args.no_progress,
         )
-    except InputFileError as exc:
+    except (InputFileError, ValueError) as exc:
         errors.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         return 2
-    _print_summary(report, console)
+    _print_summary(report, console, split is not None)
     if report.written == 0:
         errors.print("[red]error:[/red] no record could be converted; nothing was written", soft_wrap=True)
         return 1
-    print(f"Shard pattern (for data.urls or data.val_urls): {report.pattern}")
+    if split is None:
+        print(f"Shard pattern (for data.urls or data.val_urls): {report.pattern}")
+        return 0
+    _print_split_patterns(report, errors)
     return 0
 
 
+def _print_split_patterns(report: ConversionReport, errors: Console) -> None:
+    for name, pattern, key in (("train", report.pattern, "data.urls"), ("val", report.val_pattern, "data.val_urls")):
+        if pattern is None:
+            errors.print(f"[yellow]warning:[/yellow] no {name} record could be converted: no {name} shards")
+        else:
+            print(f"{name.capitalize()} shard pattern (for {key}): {pattern}")
+    if report.pattern is not None:
+        print("Train on them with:")
+        print(f"  {_train_command(report.pattern, report.val_pattern, data_group='webdataset')}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit status (0 ok, 1 nothing written, 2 unreadable input)."""
+    """Entry point; returns the process exit status (0 ok, 1 nothing written, 2 unreadable input or
+    a split that leaves no training record)."""
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return run_demo(args)

@@ -10,13 +10,21 @@ Input records look like::
 instead of ``conversations``. Image paths are relative to the image folder (absolute paths are
 used as they are). Text-only records are kept. A record that cannot be converted is skipped and
 counted by reason; only an unreadable input file stops the conversion.
+
+Image files go into the shards byte for byte when the reader takes their format (PNG, JPEG,
+WebP; recognised from the content, not the file name), after checking that they decode; other
+formats are re-encoded as PNG. A :class:`ValidationSplit` sends a seeded, reproducible choice of
+records to ``val-*.tar`` shards beside the training ones.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +39,14 @@ from vlm.data.records import (
     REASON_MISSING_IMAGE_FILE,
     REASON_UNREADABLE_IMAGE,
     RecordError,
-    Sample,
     SkipCounter,
     align_placeholders,
     normalize_conversation,
 )
-from vlm.data.shards import check_key, shard_pattern, write_shards
+from vlm.data.shards import ImageFile, ShardSeries, check_key, encode_image, encode_record, image_file, shard_pattern
 
 _MAX_KEY_LENGTH = 80
+VAL_PREFIX = "val"
 
 
 class InputFileError(Exception):
@@ -47,16 +55,77 @@ class InputFileError(Exception):
 
 @dataclass
 class ConversionReport:
-    """What a conversion did: samples written, skips per reason, shard paths."""
+    """What a conversion did: samples written (train and val together; ``val_written`` of them to
+    val shards), skips per reason, shard paths (``shards`` for training, ``val_shards``)."""
 
     written: int = 0
+    val_written: int = 0
     skipped: SkipCounter = field(default_factory=SkipCounter)
     shards: list[Path] = field(default_factory=list)
+    val_shards: list[Path] = field(default_factory=list)
+
+    @property
+    def train_written(self) -> int:
+        """Samples written to training shards."""
+        return self.written - self.val_written
 
     @property
     def pattern(self) -> str | None:
-        """Brace pattern of the shards written, or ``None`` when nothing was written."""
+        """Brace pattern of the training shards written, or ``None`` when none was written."""
         return shard_pattern(self.shards) if self.shards else None
+
+    @property
+    def val_pattern(self) -> str | None:
+        """Brace pattern of the validation shards written, or ``None`` when none was written."""
+        return shard_pattern(self.val_shards) if self.val_shards else None
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    """Which input records go to validation shards: ``count`` of them, or ``fraction`` of all.
+
+    A fraction of ``n`` records is ``fraction * n`` rounded half up, and at least one. Records are
+    ranked by the SHA-256 of ``"{seed}:{position}"`` (position: 0-based place in the input file)
+    and the first ones go to validation, so the same input, size and seed give the same split on
+    every run, machine and Python version, whichever records turn out to be bad (a bad record
+    is skipped in the split it was chosen for, so a split may get fewer samples than records).
+    Errors name the ``vlm-shards convert`` flags.
+    """
+
+    fraction: float | None = None
+    count: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.count is None):
+            raise ValueError("give exactly one of --val-fraction and --val-count")
+        if self.fraction is not None and not 0 < self.fraction < 1:
+            raise ValueError(f"--val-fraction {self.fraction} must be between 0 and 1, both excluded")
+        if self.count is not None and self.count < 1:
+            raise ValueError(f"--val-count {self.count} must be a positive integer")
+
+    def size(self, n_records: int) -> int:
+        """How many of ``n_records`` input records go to validation.
+
+        Raises ``ValueError`` (naming the flag) when that would leave none for training.
+        """
+        if self.count is not None:
+            size, flag = self.count, f"--val-count {self.count}"
+        else:
+            size, flag = max(1, math.floor(self.fraction * n_records + 0.5)), f"--val-fraction {self.fraction}"
+        if size >= n_records:
+            raise ValueError(f"{flag} leaves no record for training: the input holds {n_records}")
+        return size
+
+    def positions(self, n_records: int) -> frozenset[int]:
+        """The 0-based input positions of the records that go to validation."""
+        ranked = sorted(range(n_records), key=self._rank)
+        return frozenset(ranked[: self.size(n_records)])
+
+    def _rank(self, position: int) -> bytes:
+        # Not hash(): that is salted per process for strings, and not random: its shuffles may
+        # change between Python versions.
+        return hashlib.sha256(f"{self.seed}:{position}".encode()).digest()
 
 
 @dataclass
@@ -148,8 +217,30 @@ def load_image(path: Path, where: str) -> Image.Image:
         raise RecordError(f"{where}: cannot read image {path} ({exc})", REASON_UNREADABLE_IMAGE) from exc
 
 
-def record_to_sample(record: Any, images_dir: str | Path, key: str) -> Sample:
-    """Turn one parsed input record into a :class:`Sample` named ``key``.
+def read_image_file(path: Path, where: str, image_format: str | None = None) -> ImageFile:
+    """The image file at ``path`` as a shard stores it.
+
+    Args:
+        image_format: ``None`` keeps the file's own bytes when its format is PNG, JPEG or WebP
+            (other formats become PNG); ``png``, ``jpg``/``jpeg`` or ``webp`` re-encodes it.
+
+    Raises:
+        RecordError: reason "missing image file" or "unreadable image" (it does not decode).
+    """
+    if image_format is not None:
+        return ImageFile(encode_image(load_image(path, where), image_format), image_format.lower())
+    if not path.is_file():
+        raise RecordError(f"{where}: image file {path} does not exist", REASON_MISSING_IMAGE_FILE)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecordError(f"{where}: cannot read image {path} ({exc})", REASON_UNREADABLE_IMAGE) from exc
+    return image_file(data, f"{where}: image {path}")
+
+
+def record_to_entry(record: Any, images_dir: str | Path, key: str, image_format: str | None = None) -> dict[str, Any]:
+    """Turn one parsed input record into the shard entry named ``key`` (what ``webdataset.TarWriter``
+    writes; see :func:`~vlm.data.shards.encode_record`), its images as :func:`read_image_file` stores them.
 
     Raises:
         RecordError: reason "bad record" (not an object, bad image field), "bad conversation",
@@ -163,8 +254,8 @@ def record_to_sample(record: Any, images_dir: str | Path, key: str) -> Sample:
     paths = _image_paths(record, where)
     # Check the placeholders before reading any image: it costs nothing.
     messages = align_placeholders(messages, len(paths), key=key)
-    images = [load_image(Path(images_dir) / p, where) for p in paths]
-    return Sample(key=key, images=images, messages=messages)
+    images = [read_image_file(Path(images_dir) / p, where, image_format) for p in paths]
+    return encode_record(key, messages, images)
 
 
 def convert(
@@ -174,13 +265,18 @@ def convert(
     *,
     prefix: str = "train",
     samples_per_shard: int = 1000,
-    image_format: str = "png",
+    image_format: str | None = None,
+    val_split: ValidationSplit | None = None,
     progress: bool = True,
     console: Console | None = None,
 ) -> ConversionReport:
     """Convert a JSON/JSONL file of LLaVA/ShareGPT records into shards ``out_dir/prefix-*.tar``.
 
     Args:
+        image_format: ``None`` stores PNG, JPEG and WebP files as they are (others as PNG);
+            ``png``, ``jpg`` or ``webp`` re-encodes every image (see :func:`read_image_file`).
+        val_split: records chosen for validation go to ``out_dir/val-*.tar`` instead; ``None``
+            writes training shards only.
         progress: show a rich progress bar (on ``console``, stderr by default).
 
     Returns:
@@ -188,8 +284,13 @@ def convert(
 
     Raises:
         InputFileError: the input file itself is unreadable (see :func:`read_records`).
+        ValueError: ``prefix`` is that of the validation shards while splitting, or the split
+            leaves no record for training.
     """
+    if val_split is not None and prefix == VAL_PREFIX:
+        raise ValueError(f"--prefix {prefix} names the validation shards; choose another prefix for training shards")
     total, records = read_records(input_path)
+    val_positions = val_split.positions(total) if val_split is not None else frozenset()
     report = ConversionReport()
     assign_key = KeyAssigner()
     bar = Progress(
@@ -203,23 +304,28 @@ def convert(
         disable=not progress,
     )
 
-    def samples() -> Iterator[Sample]:
+    with bar, ExitStack() as shards:
+        train = shards.enter_context(ShardSeries(out_dir, prefix, samples_per_shard))
+        val = shards.enter_context(ShardSeries(out_dir, VAL_PREFIX, samples_per_shard)) if val_split else None
         task = bar.add_task("convert", total=total, written=0, skipped=0)
         for raw in records:
             try:
-                if raw.error is not None:
-                    raise raw.error
-                key = assign_key(raw.data, raw.index) if isinstance(raw.data, dict) else f"record{raw.index:09d}"
-                sample = record_to_sample(raw.data, images_dir, key)
+                entry = _raw_to_entry(raw, images_dir, assign_key, image_format)
             except RecordError as exc:
                 report.skipped.add(exc.reason, exc)
-                sample = None
             else:
+                to_val = raw.index in val_positions
+                (val if to_val else train).write(entry)
                 report.written += 1
+                report.val_written += to_val
             bar.update(task, advance=1, written=report.written, skipped=report.skipped.total)
-            if sample is not None:
-                yield sample
-
-    with bar:
-        report.shards = write_shards(samples(), Path(out_dir), prefix, samples_per_shard, image_format)
+    report.shards = train.paths
+    report.val_shards = val.paths if val is not None else []
     return report
+
+
+def _raw_to_entry(raw: RawRecord, images_dir: str | Path, assign_key: KeyAssigner, image_format: str | None) -> dict:
+    if raw.error is not None:
+        raise raw.error
+    key = assign_key(raw.data, raw.index) if isinstance(raw.data, dict) else f"record{raw.index:09d}"
+    return record_to_entry(raw.data, images_dir, key, image_format)

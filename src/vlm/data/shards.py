@@ -4,8 +4,10 @@ A shard is a plain tar file as written by ``webdataset.TarWriter``. Per sample i
 
 * ``KEY.json`` -- ``{"conversations": [ShareGPT turns], "images": ["0.png", "1.png"]}``
 * its images: ``KEY.png`` (or ``.jpg``/``.jpeg``/``.webp``) for a single image, or
-  ``KEY.0.png``, ``KEY.1.png``, ... for several (webdataset splits names at the first dot,
-  so ``0.png`` is the "extension").
+  ``KEY.0.png``, ``KEY.1.jpg``, ... for several (webdataset splits names at the first dot,
+  so ``0.png`` is the "extension"); each entry holds an image file's bytes in the format its
+  extension names. The reader honours a JPEG's EXIF orientation, so photos can be stored as
+  they came from the camera.
 
 ``images`` lists the image extensions in placeholder order; when it is absent the reader takes
 every image entry, sorted by extension name in natural numeric order. Keys therefore must not
@@ -20,20 +22,24 @@ import logging
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vlm.data.records import (
+    IMAGE_PLACEHOLDER,
     REASON_BAD_JSON,
     REASON_BAD_RECORD,
     REASON_MISSING_IMAGE,
+    REASON_PLACEHOLDER_MISMATCH,
     REASON_UNREADABLE_IMAGE,
     RecordError,
     Sample,
     align_placeholders,
+    count_placeholders,
     normalize_conversation,
     to_sharegpt,
 )
@@ -42,6 +48,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+# PIL formats whose files the reader takes as they are, and the extension they are stored under
+# (MPO is a JPEG with extra frames, as many cameras write them).
+_STORED_EXTENSION = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "WEBP": "webp"}
 # A fixed modification time makes shards byte-for-byte reproducible from the same samples.
 _TAR_MTIME = 0
 
@@ -61,6 +70,35 @@ def encode_image(image: Image.Image, image_format: str = "png") -> bytes:
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class ImageFile:
+    """An image as a shard stores it: file bytes, and the extension of their format (see :data:`IMAGE_EXTENSIONS`)."""
+
+    data: bytes
+    extension: str
+
+
+def image_file(data: bytes, where: str) -> ImageFile:
+    """Image file bytes as a shard stores them: unchanged when the reader takes their format
+    (PNG, JPEG, WebP, found from the bytes themselves, not a file name), else re-encoded as PNG.
+
+    The bytes are decoded in full first, so a corrupt or truncated image fails here.
+
+    Raises:
+        RecordError: reason "unreadable image"; the message starts with ``where``.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            extension = _STORED_EXTENSION.get(image.format)
+            if extension is not None:
+                return ImageFile(data, extension)
+            # Orientation is applied before re-encoding, since PNG does not carry EXIF here.
+            return ImageFile(encode_image(ImageOps.exif_transpose(image), "png"), "png")
+    except Exception as exc:  # PIL raises many exception types for corrupt data
+        raise RecordError(f"{where}: cannot decode image ({exc})", REASON_UNREADABLE_IMAGE) from exc
+
+
 def check_key(key: str) -> None:
     """Raise ``ValueError`` if ``key`` cannot name a sample in a shard.
 
@@ -74,7 +112,8 @@ def check_key(key: str) -> None:
 
 
 def encode_sample(sample: Sample, image_format: str = "png") -> dict[str, Any]:
-    """Turn a :class:`Sample` into the dict ``webdataset.TarWriter`` writes (all values bytes).
+    """Turn a :class:`Sample` into the dict ``webdataset.TarWriter`` writes (all values bytes),
+    its images encoded as ``image_format``.
 
     Raises ``ValueError``/:class:`RecordError` naming the sample if it is not well formed.
     """
@@ -83,23 +122,59 @@ def encode_sample(sample: Sample, image_format: str = "png") -> dict[str, Any]:
     ext = image_format.lower()
     if ext not in _PIL_FORMAT:
         raise ValueError(f"unsupported image format {image_format!r}; use one of {IMAGE_EXTENSIONS}")
-    names = [ext] if len(sample.images) == 1 else [f"{i}.{ext}" for i in range(len(sample.images))]
-    meta = {"conversations": to_sharegpt(sample.messages), "images": names}
-    record: dict[str, Any] = {"__key__": sample.key, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
-    for name, image in zip(names, sample.images):
-        record[name] = encode_image(image, ext)
+    files = [ImageFile(encode_image(image, ext), ext) for image in sample.images]
+    return encode_record(sample.key, sample.messages, files)
+
+
+def encode_record(key: str, messages: list[dict[str, str]], images: list[ImageFile]) -> dict[str, Any]:
+    """The dict ``webdataset.TarWriter`` writes for a sample whose images are already files.
+
+    Args:
+        messages: canonical messages (see :func:`~vlm.data.records.normalize_conversation`) with
+            one placeholder per image, in order.
+        images: stored as they are, named by their extensions (``KEY.jpg``; ``KEY.0.jpg``,
+            ``KEY.1.png``, ... for several).
+
+    Raises ``ValueError``/:class:`RecordError` naming the sample if it is not well formed.
+    """
+    check_key(key)
+    normalize_conversation(messages, key=key)
+    placeholders = count_placeholders(messages)
+    if placeholders != len(images):
+        raise RecordError(
+            f"sample {key!r}: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s)",
+            REASON_PLACEHOLDER_MISMATCH,
+        )
+    unknown = sorted({image.extension for image in images} - set(IMAGE_EXTENSIONS))
+    if unknown:
+        raise ValueError(f"sample {key!r}: image extension(s) {unknown} are not among {IMAGE_EXTENSIONS}")
+    if len(images) == 1:
+        names = [images[0].extension]
+    else:
+        names = [f"{i}.{image.extension}" for i, image in enumerate(images)]
+    meta = {"conversations": to_sharegpt(messages), "images": names}
+    record: dict[str, Any] = {"__key__": key, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+    record.update(zip(names, (image.data for image in images)))
     return record
 
 
-class _ShardRotator:
-    """Writes records to ``prefix-000000.tar``, ``prefix-000001.tar``, ... with at most ``per_shard`` each.
+class ShardSeries:
+    """Writes records to ``out_dir/prefix-000000.tar``, ``prefix-000001.tar``, ... with at most
+    ``per_shard`` each (records as :func:`encode_record` makes them).
 
     Each shard is written under a ``.partial`` name and renamed when complete, so a crash never
-    leaves a truncated file that matches the shard pattern.
+    leaves a truncated file that matches the shard pattern. As a context manager it closes the
+    last shard on success and removes the partial one on an error; ``paths`` then lists the
+    shards written, in order (empty when no record was written).
     """
 
-    def __init__(self, out_dir: Path, prefix: str, per_shard: int):
-        self.out_dir, self.prefix, self.per_shard = out_dir, prefix, per_shard
+    def __init__(self, out_dir: str | os.PathLike, prefix: str, per_shard: int):
+        if per_shard < 1:
+            raise ValueError(f"max_samples_per_shard must be positive, got {per_shard}")
+        if not prefix or "/" in prefix or os.sep in prefix:
+            raise ValueError(f"shard prefix must be a plain file name prefix, got {prefix!r}")
+        self.out_dir, self.prefix, self.per_shard = Path(out_dir), prefix, per_shard
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.paths: list[Path] = []
         self._writer: wds.TarWriter | None = None
         self._file = None
@@ -144,8 +219,19 @@ class _ShardRotator:
         self._writer = self._file = None
 
     def close(self) -> list[Path]:
+        """Finish the last shard; returns the paths of all shards written."""
         self._finish()
+        _warn_about_stale_shards(self.out_dir, self.prefix, len(self.paths))
         return self.paths
+
+    def __enter__(self) -> ShardSeries:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
     @staticmethod
     def _partial(path: Path) -> Path:
@@ -175,24 +261,12 @@ def write_shards(
         ValueError / RecordError: a sample is malformed (bad key, placeholder mismatch, duplicate
         key within a shard). Shards completed before the error are kept; the partial one is removed.
     """
-    if max_samples_per_shard < 1:
-        raise ValueError(f"max_samples_per_shard must be positive, got {max_samples_per_shard}")
-    if not prefix or "/" in prefix or os.sep in prefix:
-        raise ValueError(f"shard prefix must be a plain file name prefix, got {prefix!r}")
     if image_format.lower() not in _PIL_FORMAT:
         raise ValueError(f"unsupported image format {image_format!r}; use one of {IMAGE_EXTENSIONS}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rotator = _ShardRotator(out_dir, prefix, max_samples_per_shard)
-    try:
+    with ShardSeries(out_dir, prefix, max_samples_per_shard) as series:
         for sample in samples:
-            rotator.write(encode_sample(sample, image_format))
-    except BaseException:
-        rotator.abort()
-        raise
-    paths = rotator.close()
-    _warn_about_stale_shards(out_dir, prefix, len(paths))
-    return paths
+            series.write(encode_sample(sample, image_format))
+    return series.paths
 
 
 def _warn_about_stale_shards(out_dir: Path, prefix: str, n_written: int) -> None:
@@ -251,11 +325,12 @@ def image_entries(raw: dict[str, Any]) -> list[str]:
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
-    """Decode image bytes into an RGB PIL image; :class:`RecordError` ("unreadable image") if impossible."""
+    """Decode image bytes (any format PIL reads) into an RGB PIL image, upright by its EXIF
+    orientation; :class:`RecordError` ("unreadable image") if impossible."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decode now, so a truncated file fails here and not in a collate function
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
     except Exception as exc:  # PIL raises many exception types for corrupt data
         raise RecordError(f"{where}: cannot decode image ({exc})", REASON_UNREADABLE_IMAGE) from exc
 

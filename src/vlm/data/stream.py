@@ -14,7 +14,9 @@ Splitting follows webdataset (``split_by_node`` then ``split_by_worker``): whole
 round-robin. With fewer shards than ``world_size * num_workers`` some workers get none; they
 log a warning and yield nothing (a DataLoader then simply reads the other workers, but under
 DDP a rank that gets no shards at all yields no batches, so write at least ``world_size *
-num_workers`` shards, ideally a multiple of it, to balance ranks).
+num_workers`` shards, ideally a multiple of it, to balance ranks). The data module starts no
+more workers than its rank has shards (:func:`shards_for_rank`), so in practice only a rank
+without any shard warns.
 """
 
 from __future__ import annotations
@@ -32,9 +34,21 @@ from webdataset.utils import PipelineStage, pytorch_worker_info
 from vlm.data.records import REASON_UNREADABLE_SHARD, RecordError, Sample, SkipCounter
 from vlm.data.shards import decode_sample
 
-__all__ = ["SkipCounter", "sample_stream"]
+__all__ = ["SkipCounter", "sample_stream", "shards_for_rank"]
 
 log = logging.getLogger(__name__)
+
+
+def shards_for_rank(n_shards: int, rank: int, world_size: int) -> int:
+    """How many of ``n_shards`` shards rank ``rank`` of ``world_size`` reads in one pass.
+
+    Ranks are dealt shards round-robin (as :class:`_SplitShards` does), so the first
+    ``n_shards % world_size`` ranks get one more than the others, and with fewer shards than
+    ranks the last ranks get none.
+    """
+    if world_size <= 1:
+        return n_shards
+    return len(range(rank, n_shards, world_size))
 
 
 class _ShuffleShards(PipelineStage):
