@@ -71,7 +71,7 @@ def planted_qwen(tiny_checkpoint, tmp_path_factory):
 
 def test_dynamic_keeps_the_planted_layer_of_a_vision_language_model_and_buys_fidelity(planted_qwen, one_cpu_thread):
     family, checkpoint, calibration, heldout = planted_qwen
-    settings = CalibrationSettings(budget_bytes="16KB", random_baselines=6, cache=False)
+    settings = CalibrationSettings(budget_bytes="64KB", random_baselines=6, cache=False)
     planning = plan_quantization(
         checkpoint, family, QuantConfig(policy="dynamic"), settings, calibration_batches=calibration, heldout_batches=heldout
     )
@@ -80,12 +80,13 @@ def test_dynamic_keeps_the_planted_layer_of_a_vision_language_model_and_buys_fid
     assert QWEN_PLANTED in planning.plan.kept
     worst = max(report.layers, key=lambda layer: layer.output_error or 0)
     assert worst.name == QWEN_PLANTED
-    assert report.memory.extra_over_all_4bit <= 16_000
+    assert report.memory.extra_over_all_4bit <= 64_000
     fidelity_of = report.fidelity
     random_kls = [f.kl for label, f in fidelity_of.items() if label.startswith("random_same_budget")]
     assert len(random_kls) == 6
-    assert fidelity_of["policy"].kl < 0.6 * fidelity_of["all_4bit"].kl
-    assert fidelity_of["policy"].kl < 0.75 * statistics.mean(random_kls)
+    assert fidelity_of["policy"].kl < 0.8 * fidelity_of["all_4bit"].kl
+    assert fidelity_of["policy"].kl < min(random_kls)
+    assert fidelity_of["policy"].kl < 0.85 * statistics.mean(random_kls)
     assert fidelity_of["policy"].top1_agreement >= fidelity_of["all_4bit"].top1_agreement
 
     # The real bitsandbytes model under the same plan behaves as the simulation said.
@@ -97,7 +98,7 @@ def test_dynamic_keeps_the_planted_layer_of_a_vision_language_model_and_buys_fid
 
 def test_a_tight_budget_still_reaches_the_planted_layer_first(planted_qwen, one_cpu_thread):
     family, checkpoint, calibration, _ = planted_qwen
-    settings = CalibrationSettings(budget_bytes=12_000, fidelity_batches=0, cache=False)
+    settings = CalibrationSettings(budget_bytes=48_000, fidelity_batches=0, cache=False)
     planning = plan_quantization(checkpoint, family, QuantConfig(policy="dynamic"), settings, calibration_batches=calibration)
     assert QWEN_PLANTED in planning.plan.kept
     assert planning.report.fidelity == {} and planning.reference is None

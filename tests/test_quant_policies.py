@@ -6,7 +6,8 @@ import bitsandbytes as bnb
 import pytest
 
 from vlm.models.families import get_family
-from vlm.models.loading import linear_layer_names, load_model, quantized_layer_names
+from vlm.models.loading import linear_layer_names, load_model
+from vlm.quant.bnb_layers import quantized_layer_names
 from vlm.quant.config import QuantConfig
 from vlm.quant.policies import ModelParts, PolicyError, plan
 

@@ -199,6 +199,18 @@ def test_the_report_command_lists_every_job_unfinished_ones_too(tmp_path, capsys
     assert header[:3] == ["job", "status", "lora.r"]
 
 
+def test_only_a_completed_job_can_be_named_best(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_job(sweep, "0", ["lora.r=8"], {"status": "failed", "final_val_loss": 0.5, "error": "RuntimeError: boom"})
+    write_job(sweep, "1", ["lora.r=16"], {"status": "failed", "final_val_loss": 0.7, "error": "RuntimeError: boom"})
+    assert sweep_report([str(sweep)]) == 0
+    assert "Lowest final validation loss" not in (sweep / "summary.md").read_text()
+
+    write_job(sweep, "2", ["lora.r=32"], {"status": "completed", "final_val_loss": 0.9})
+    assert sweep_report([str(sweep)]) == 0
+    assert "Lowest final validation loss: 0.9 (job 2: lora.r=32)" in (sweep / "summary.md").read_text()
+
+
 def test_launchers_compose_for_one_machine_and_for_slurm():
     register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

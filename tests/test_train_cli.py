@@ -17,6 +17,8 @@ from vlm.cli.train import ConfigError, train
 from vlm.configs import config_dir
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+# On PYTHONPATH, makes bitsandbytes take the path of a CPU without AVX512-BF16 (see its docstring).
+WITHOUT_AVX512_BF16 = Path(__file__).parent / "without_avx512_bf16"
 
 
 def compose_train(tmp_path: Path, *overrides: str):
@@ -124,3 +126,42 @@ def test_the_installed_command_trains_from_any_directory_and_says_wandb_is_offli
     bad = subprocess.run([*command, "lora.r=-4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert "invalid config: lora.r=-4 must be a positive integer" in bad.stderr
+
+
+def cpu_path_env(tmp_path: Path, cpu_path: str) -> dict[str, str]:
+    """A user's environment (no W&B key, a fresh cache), with bitsandbytes on ``cpu_path``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_SILENT", "TRITON_INTERPRET")}
+    env.update(VLM_CACHE_DIR=str(tmp_path / "cache"), NETRC=str(tmp_path / "no-netrc"))
+    if cpu_path == "without_avx512_bf16":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WITHOUT_AVX512_BF16), env.get("PYTHONPATH")]))
+        probe = "import bitsandbytes.functional as F, bitsandbytes.nn as nn; print(F.has_avx512bf16(), nn.Linear4bit(64, 64).support_avx512bf16_for_cpu)"
+        answer = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        assert answer.stdout.split() == ["False", "False"], answer
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu_path", ["as_found", "without_avx512_bf16"])
+def test_the_readme_demo_learns_and_its_screen_shows_the_run_and_no_warning(tmp_path, cpu_path):
+    """`vlm-train` exactly as the Quickstart runs it, on this CPU's bitsandbytes path and on the other one."""
+    env = cpu_path_env(tmp_path, cpu_path)
+    command = str(Path(sys.executable).with_name("vlm-train"))
+    done = subprocess.run([command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    screen = done.stdout + done.stderr
+    assert done.returncode == 0, screen[-3000:]
+
+    (run,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 100
+    assert metrics["final_val_loss"] < 0.7 * metrics["initial_val_loss"]
+
+    assert "warn" not in screen.lower(), screen
+    assert "Epoch" not in screen and "it/s" not in screen  # Lightning's per-epoch bars
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    lines = screen.splitlines()
+    assert lines[0] == f"vlm-train → {run}"
+    assert "  data     train 8 shards, 2000 samples; validation 8 shards, 128 samples; batch 8, up to 256 tokens" in lines
+    assert "step 100/100" in screen
+    (done_line,) = [line for line in lines if line.startswith("done in ")]
+    assert done_line.endswith(f"→ {run}")
+    assert f"  W&B         wandb sync {offline}" in lines[lines.index(done_line):]

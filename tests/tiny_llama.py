@@ -9,6 +9,8 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
+from vlm.quant.bnb_layers import keep_cpu_weights_trainable
+
 VOCAB = 128
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_LINEAR_4BIT = 2 * len(LORA_TARGETS)  # two decoder layers; lm_head stays bf16
@@ -18,11 +20,11 @@ def save_tiny_llama(path: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,  # heads 64 wide and every width a multiple of 64, as in real checkpoints
+        intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         initializer_range=0.1,  # the default 0.02 gives logits too flat to memorise a batch
     )
     LlamaForCausalLM(config).save_pretrained(path)
@@ -30,7 +32,8 @@ def save_tiny_llama(path: Path) -> Path:
 
 
 def load_4bit(path: Path) -> torch.nn.Module:
-    return LlamaForCausalLM.from_pretrained(
+    """The saved tiny Llama in NF4, guarded as `vlm.models.loading.load_model` guards every model it loads."""
+    model = LlamaForCausalLM.from_pretrained(
         path,
         quantization_config=BitsAndBytesConfig(
             load_in_4bit=True,
@@ -41,6 +44,8 @@ def load_4bit(path: Path) -> torch.nn.Module:
         dtype=torch.bfloat16,
         device_map={"": "cpu"},
     )
+    keep_cpu_weights_trainable(model)
+    return model
 
 
 def qlora_model(path: Path) -> torch.nn.Module:

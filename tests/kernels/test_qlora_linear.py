@@ -236,13 +236,17 @@ def _peft_lora_layer(in_features, out_features, dtype, generator):
     return layer.train()
 
 
+# Rows a whole number of 64-element blocks wide, as in real checkpoints: on other widths
+# bitsandbytes' own CPU dequantization is wrong (vlm.quant.bnb_layers.misread_on_cpu), and
+# test_bitsandbytes_cpu.py shows that no model we load on the CPU has such a layer.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_qlora_linear_and_its_reference_equal_peft_lora_on_bitsandbytes_linear4bit(dtype):
+@pytest.mark.parametrize("in_features, out_features", [(128, 192), (192, 64)], ids=["wider_output", "narrower_output"])
+def test_qlora_linear_and_its_reference_equal_peft_lora_on_bitsandbytes_linear4bit(dtype, in_features, out_features):
     generator = torch.Generator().manual_seed(4)
-    layer = _peft_lora_layer(96, 80, dtype, generator)
+    layer = _peft_lora_layer(in_features, out_features, dtype, generator)
     weight, lora_A, lora_B = layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    x = torch.randn(2, 5, 96, generator=generator).to(DEVICE, dtype).requires_grad_(True)
-    grad_out = torch.randn(2, 5, 80, generator=generator).to(DEVICE, dtype)
+    x = torch.randn(2, 5, in_features, generator=generator).to(DEVICE, dtype).requires_grad_(True)
+    grad_out = torch.randn(2, 5, out_features, generator=generator).to(DEVICE, dtype)
 
     expected = layer(x)
     expected.backward(grad_out)

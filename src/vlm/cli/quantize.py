@@ -380,6 +380,9 @@ def quantize(cfg: DictConfig) -> QuantReport:
 
 
 def main() -> None:
+    from .console import quiet_libraries
+
+    quiet_libraries()
     register_resolvers()
 
     @hydra.main(config_path=str(config_dir()), config_name="quantize", version_base="1.3")

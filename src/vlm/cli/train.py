@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,10 @@ from vlm.configs import config_dir, register_resolvers
 
 from vlm.sweeps.jobs import JobIdentity, claimed_gpu, free_accelerator_memory, job_identity, record_failure
 
+from . import console
 from .quantize import check_loaded, plan_for_run, publish
 from .wiring import (
     ConfigError,
-    announce_wandb,
     build_components,
     build_datamodule,
     close_loggers,
@@ -61,6 +60,7 @@ def _fit(cfg: DictConfig, parts: dict[str, Any], identity: JobIdentity, gpu: int
     import lightning as L
     from hydra.utils import instantiate
 
+    from vlm.data.inventory import inventory
     from vlm.models.families import get_family
     from vlm.models.loading import load_model, load_processor
     from vlm.models.lora import apply_lora, enable_gradient_checkpointing
@@ -69,34 +69,38 @@ def _fit(cfg: DictConfig, parts: dict[str, Any], identity: JobIdentity, gpu: int
     from vlm.training.callbacks import RunSummary
     from vlm.training.module import VisionLanguageFineTuner
 
-    started = time.perf_counter()
     spec, quant, lora = parts["model"], parts["quant"], parts["lora"]
     family = get_family(spec.family)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     resolved = write_resolved_config(cfg, output_dir)
+    console.print_run_header(cfg)
 
     prepare_demo_data(cfg)
     checkpoint = resolve_checkpoint(spec, family, cfg.seed)
     processor = load_processor(checkpoint, family)
     datamodule = build_datamodule(cfg.data, processor, family)
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    console.print_data_summary(
+        cfg.data,
+        inventory(datamodule.urls).describe(),
+        inventory(datamodule.val_urls).describe() if datamodule.val_urls else None,
+    )
+    callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg, identity)
-    announce_wandb(loggers)
 
     device = target_device(cfg.trainer, gpu)
     planning = plan_for_run(cfg, spec, family, quant, checkpoint, processor, device)
     model, load_report = load_model(
         checkpoint, family, quant, quant_plan=planning.plan, device=device, attn_implementation=spec.attn_implementation
     )
-    log.info(load_report.summary())
     planning.report.loaded_bytes = stored_bytes(model)
     loaded_fidelity = check_loaded(planning, model, device)
     if loaded_fidelity is not None:
         planning.report.fidelity["loaded"] = loaded_fidelity
     model = apply_lora(model, family, lora)
     patches = apply_kernels(model, parts["kernels"])
-    log.info(patches.summary())
+    if parts["kernels"].enabled():
+        log.info(patches.summary())
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     module = VisionLanguageFineTuner(
@@ -122,10 +126,13 @@ def _fit(cfg: DictConfig, parts: dict[str, Any], identity: JobIdentity, gpu: int
             )
     placement = {"devices": [gpu]} if gpu is not None else {}
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **placement)
+    offline_dirs: list[Path] = []
     try:
         for logger in loggers:
             logger.log_hyperparams(resolved)
         save_config_to_wandb(loggers, resolved)
+        offline_dirs = console.wandb_offline_dirs(loggers)
+        console.print_wandb_offline(offline_dirs)
         publish(planning.report, output_dir, loggers, top=cfg.get("report_top_layers", 15))
         if cfg.get("validate_before_fit") and datamodule.val_urls is not None:
             trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -135,8 +142,20 @@ def _fit(cfg: DictConfig, parts: dict[str, Any], identity: JobIdentity, gpu: int
 
     metrics_path = output_dir / "metrics.json"
     summary = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    log.info("done in %.1f s; metrics in %s", time.perf_counter() - started, metrics_path)
+    console.print_final_summary(summary, output_dir, offline_dirs)
     return summary
+
+
+def build_callbacks(cfg: DictConfig) -> list[Any]:
+    """The configured callbacks; without the progress bar where ``trainer.enable_progress_bar=false``
+    (Lightning refuses a progress bar callback then)."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks.progress import ProgressBar
+
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    if cfg.trainer.get("enable_progress_bar", True) is False:
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
 
 
 def build_loggers(cfg: DictConfig, identity: JobIdentity) -> list[Any]:
@@ -197,6 +216,7 @@ def _identity_or_none(cfg: DictConfig) -> JobIdentity | None:
 
 
 def main() -> None:
+    console.quiet_libraries()
     register_resolvers()
     hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(run_job)()
 

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vlm.errors import ConfigError
+
 log = logging.getLogger("vlm")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key."""
 
 
 def instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
@@ -72,6 +69,7 @@ def build_datamodule(data_cfg: DictConfig, processor: Any, family: Any, **overri
         image_token=family.image_token,
         pad_token_id=processor.tokenizer.pad_token_id,
         batch_major_keys=family.batch_major_image_keys,
+        tile_mask_keys=family.tile_mask_keys,
         **overrides,
     )
 
@@ -115,16 +113,3 @@ def close_loggers(loggers: list[Any]) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish()
-
-
-def announce_wandb(loggers: list[Any]) -> None:
-    """One clear line when W&B runs offline, with how to upload the run later."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._offline:
-            print(
-                f"W&B is offline (no API key): the run is saved under {logger.save_dir}/wandb; "
-                "upload it later with `wandb sync <that run directory>`",
-                file=sys.stderr,
-            )

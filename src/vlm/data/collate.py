@@ -9,7 +9,10 @@ Three kinds of tensors, told apart by name:
   ``pixel_values [1, n_images, n_tiles, C, H, W]``): every non-batch dimension is zero-padded
   to the batch's largest; a dimension 1 that runs along the sequence (Mllama's
   ``cross_attention_mask [1, seq, n_images, n_tiles]``) is padded on ``padding_side`` like the
-  tokens. A sample without the key (a text-only sample) gets zeros;
+  tokens. A sample without the key (a text-only sample) gets zeros, except in a mask over an
+  image's tiles (``tile_mask_keys``, Mllama's ``aspect_ratio_mask``), where a padded image slot
+  marks its first tile valid, as the processor does: the slot still runs through the vision
+  encoder, and with no valid tile its attention has nothing to attend to;
 * per-image tensors (everything else, stacked per image along dim 0, e.g. LLaVA-NeXT's
   ``pixel_values [n_images, n_patches, C, H, W]``): zero-padded in the non-leading dimensions and
   concatenated; samples without the key add nothing.
@@ -31,6 +34,7 @@ def collate(
     *,
     pad_token_id: int,
     batch_major_keys: frozenset[str],
+    tile_mask_keys: frozenset[str] = frozenset(),
     padding_side: str = "right",
 ) -> dict[str, torch.Tensor]:
     """One batch from encoded samples (each with a batch dimension of 1)."""
@@ -62,6 +66,8 @@ def collate(
             )
         elif key in batch_major_keys:
             batch[key] = _batch_major(key, present, samples, lengths, longest, left)
+            if key in tile_mask_keys:
+                _mark_first_tile_of_empty_slots(batch[key])
         else:
             target = _max_shape(t for _, t in present)
             batch[key] = torch.cat([_pad(t, (t.shape[0], *target[1:]), 0) for _, t in present])
@@ -91,6 +97,12 @@ def _batch_major(
         else:
             parts.append(_pad(t, (t.shape[0], *target[1:]), 0, left_dims=left_dims))
     return torch.cat(parts)
+
+
+def _mark_first_tile_of_empty_slots(mask: torch.Tensor) -> None:
+    """In a ``[batch, images, tiles]`` mask, image slots without any valid tile get their first one."""
+    empty = mask.sum(dim=-1) == 0
+    mask[..., 0][empty] = 1
 
 
 def _max_shape(tensors) -> tuple[int, ...]:

@@ -14,6 +14,8 @@ import torch
 import transformers
 from torch import nn
 
+from vlm.errors import ConfigError
+from vlm.quant.bnb_layers import keep_cpu_weights_trainable, misread_on_cpu, quantized_layer_names
 from vlm.quant.config import QuantConfig
 from vlm.quant.policies import QuantPlan, plan
 
@@ -91,14 +93,6 @@ def bitsandbytes_config(quant: QuantConfig, keep: tuple[str, ...]) -> transforme
     )
 
 
-def quantized_layer_names(model: nn.Module) -> list[str]:
-    """Names of the bitsandbytes-quantized linear layers (4-bit or 8-bit) of a loaded model."""
-    import bitsandbytes as bnb
-
-    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-    return [name for name, module in model.named_modules() if isinstance(module, kinds)]
-
-
 def load_model(
     checkpoint: str,
     family: ModelFamily,
@@ -118,6 +112,8 @@ def load_model(
     config = load_config(checkpoint, family)
     if quant_plan is None:
         quant_plan = resolve_plan(family, config, quant)
+    if torch.device(device).type == "cpu" and quant.method in ("nf4", "fp4"):
+        refuse_misread_layers(model_skeleton(family, config), quant_plan)
     kwargs: dict[str, Any] = {
         "dtype": quant.torch_compute_dtype,
         "device_map": {"": str(device)},
@@ -127,6 +123,7 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     model = family.model_class.from_pretrained(checkpoint, **kwargs)
     verify_quantized(model, quant_plan)
+    keep_cpu_weights_trainable(model)
     report = LoadReport(
         checkpoint=str(checkpoint),
         plan=quant_plan,
@@ -134,6 +131,22 @@ def load_model(
         kept_linear_layers=len(quant_plan.kept),
     )
     return model, report
+
+
+def refuse_misread_layers(skeleton: nn.Module, quant_plan: QuantPlan) -> None:
+    """Raise ``ConfigError`` when a planned 4-bit layer is one that bitsandbytes' CPU kernels misread.
+
+    Checked before loading: training such a layer on the CPU would run on wrong weights without
+    any error (see :func:`vlm.quant.bnb_layers.misread_on_cpu`).
+    """
+    widths = ((name, skeleton.get_submodule(name).in_features) for name in quant_plan.quantized)
+    misread = misread_on_cpu(widths)
+    if misread:
+        raise ConfigError(
+            f"{len(misread)} layer(s) planned in 4-bit have rows that are not a multiple of 64 wide "
+            f"(e.g. {misread[:3]}), which bitsandbytes' CPU dequantization gets wrong: keep them in "
+            "16-bit with quant.skip_modules, or train on a GPU"
+        )
 
 
 def verify_quantized(model: nn.Module, quant_plan: QuantPlan) -> None:

@@ -169,7 +169,8 @@ def _counts(rows: Sequence[JobRow]) -> str:
 
 def _markdown(sweep_dir: Path, rows: Sequence[JobRow], header: list[str], cells: list[list[str]]) -> str:
     lines = [f"# Sweep {sweep_dir.name}", "", f"`{sweep_dir}`: {_counts(rows)}.", ""]
-    best = min((row for row in rows if row.metric("final_val_loss") is not None),
+    # Only a completed job can be best: a failed one may have validated before it failed.
+    best = min((row for row in rows if row.status == "completed" and row.metric("final_val_loss") is not None),
                key=lambda row: row.metric("final_val_loss"), default=None)
     if best is not None:
         chosen = ", ".join(f"{k}={best.overrides[k]}" for k in swept_keys(rows) if k in best.overrides)

@@ -18,7 +18,7 @@ from typing import Any
 import lightning
 import torch
 
-from vlm.models.loading import quantized_layer_names
+from vlm.quant.bnb_layers import quantized_layer_names
 
 __all__ = [
     "ThroughputMonitor",

@@ -20,14 +20,20 @@ LLAMA_STYLE_LINEARS = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 @dataclass(frozen=True)
 class TinySize:
-    """Sizes of the tiny variant of a family: small enough to train on two CPU cores in seconds."""
+    """Sizes of the tiny variant of a family: small enough to train on two CPU cores in seconds.
 
-    hidden_size: int = 64
-    intermediate_size: int = 128
+    Every width is a multiple of 64 and every head 64 wide, as in real checkpoints: bitsandbytes'
+    CPU kernels assume such widths (see :func:`vlm.quant.bnb_layers.misread_on_cpu`), and so do
+    the fast paths of attention and of our kernels.
+    """
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
     num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    vision_hidden_size: int = 32
+    num_heads: int = 2
+    num_kv_heads: int = 1
+    vision_hidden_size: int = 64
+    vision_heads: int = 1
     vision_layers: int = 2
     image_size: int = 32
 
@@ -53,6 +59,8 @@ class ModelFamily:
     cross_attention_out: ClassVar[str | None] = None
     lora_targets: ClassVar[str]
     batch_major_image_keys: ClassVar[frozenset[str]] = frozenset()
+    # Batch-major masks over an image's tiles, whose padded image slots keep one tile open.
+    tile_mask_keys: ClassVar[frozenset[str]] = frozenset()
     # True where the processor's video part may be left out (it needs torchvision; we train on images).
     video_optional: ClassVar[bool] = False
     # Special tokens the tiny tokenizer needs: (bos, eos, pad) and the rest.
@@ -100,17 +108,21 @@ class ModelFamily:
     def finish_tiny_init(self, model: Any) -> None:
         """Adjust a freshly initialised tiny model where random init differs from any trained checkpoint."""
 
-    def tiny_text_config(self, vocab_size: int, pad_token_id: int, **overrides: Any) -> dict[str, Any]:
+    def tiny_text_config(self, token_ids: dict[str, int], vocab_size: int, **overrides: Any) -> dict[str, Any]:
+        """The language model's config at tiny size, its special tokens pointing into the tiny vocabulary
+        (left at a family's defaults they would point past its end, and transformers says so)."""
         size = self.tiny
         return {
             "vocab_size": vocab_size,
+            "bos_token_id": token_ids.get(self.tiny_bos) if self.tiny_bos else None,
+            "eos_token_id": token_ids[self.tiny_eos],
             "hidden_size": size.hidden_size,
             "intermediate_size": size.intermediate_size,
             "num_hidden_layers": size.num_layers,
             "num_attention_heads": size.num_heads,
             "num_key_value_heads": size.num_kv_heads,
             "max_position_embeddings": 4096,
-            "pad_token_id": pad_token_id,
+            "pad_token_id": token_ids[self.tiny_pad],
             "tie_word_embeddings": False,
             # Wider than the usual 0.02: at hidden size 64 the frozen random output head could
             # otherwise not produce confident logits, and LoRA would have little to learn with.

@@ -47,7 +47,7 @@ class Llava(ModelFamily):
             "hidden_size": size.vision_hidden_size,
             "intermediate_size": 2 * size.vision_hidden_size,
             "num_hidden_layers": size.vision_layers,
-            "num_attention_heads": 2,
+            "num_attention_heads": size.vision_heads,
             "image_size": size.image_size,
             "patch_size": self.patch_size,
             "projection_dim": size.vision_hidden_size,
@@ -56,7 +56,7 @@ class Llava(ModelFamily):
     def tiny_config(self, token_ids: dict[str, int], vocab_size: int) -> transformers.PretrainedConfig:
         return transformers.LlavaConfig(
             vision_config=self.tiny_vision_config(),
-            text_config={"model_type": "llama", **self.tiny_text_config(vocab_size, token_ids[self.tiny_pad])},
+            text_config={"model_type": "llama", **self.tiny_text_config(token_ids, vocab_size)},
             image_token_index=token_ids[self.image_token],
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
@@ -94,7 +94,7 @@ class LlavaNext(Llava):
     def tiny_config(self, token_ids: dict[str, int], vocab_size: int) -> transformers.PretrainedConfig:
         return transformers.LlavaNextConfig(
             vision_config=self.tiny_vision_config(),
-            text_config={"model_type": "llama", **self.tiny_text_config(vocab_size, token_ids[self.tiny_pad])},
+            text_config={"model_type": "llama", **self.tiny_text_config(token_ids, vocab_size)},
             image_token_index=token_ids[self.image_token],
             image_grid_pinpoints=self.grid_pinpoints(),
             vision_feature_layer=-2,

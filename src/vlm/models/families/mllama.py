@@ -33,6 +33,7 @@ class Mllama(ModelFamily):
     # Self- and cross-attention projections share their short names, so one pattern covers both.
     lora_targets = rf"model\.language_model\.layers\.\d+\.({LLAMA_STYLE_LINEARS}|cross_attn\.(q|k|v|o)_proj)"
     batch_major_image_keys = frozenset({"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"})
+    tile_mask_keys = frozenset({"aspect_ratio_mask"})
     tiny_bos = "<|begin_of_text|>"
     tiny_eos = "<|eot_id|>"
     tiny_pad = "<|finetune_right_pad_id|>"
@@ -44,14 +45,14 @@ class Mllama(ModelFamily):
     def tiny_config(self, token_ids: dict[str, int], vocab_size: int) -> transformers.PretrainedConfig:
         size = self.tiny
         # Mllama's text model adds 8 embedding rows of its own above vocab_size for its special tokens.
-        text = self.tiny_text_config(vocab_size, token_ids[self.tiny_pad], num_hidden_layers=3, cross_attention_layers=[1])
+        text = self.tiny_text_config(token_ids, vocab_size, num_hidden_layers=3, cross_attention_layers=[1])
         return transformers.MllamaConfig(
             vision_config={
                 "hidden_size": size.vision_hidden_size,
                 "intermediate_size": 2 * size.vision_hidden_size,
                 "num_hidden_layers": size.vision_layers,
                 "num_global_layers": 1,
-                "num_attention_heads": 2,
+                "num_attention_heads": size.vision_heads,
                 "image_size": size.image_size,
                 "patch_size": 8,
                 "max_num_tiles": self.max_image_tiles,

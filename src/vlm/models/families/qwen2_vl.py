@@ -57,7 +57,7 @@ class Qwen2VL(ModelFamily):
             "depth": size.vision_layers,
             "embed_dim": size.vision_hidden_size,
             "hidden_size": size.hidden_size,
-            "num_heads": 2,
+            "num_heads": size.vision_heads,
             "mlp_ratio": 2,
             "patch_size": self.patch_size,
             "spatial_merge_size": self.merge_size,
@@ -70,7 +70,7 @@ class Qwen2VL(ModelFamily):
         half = head_dim // 2
         sections = [half - 2 * (half // 3), half // 3, half // 3]
         return self.tiny_text_config(
-            vocab_size, token_ids[self.tiny_pad], rope_scaling={"type": "mrope", "mrope_section": sections}
+            token_ids, vocab_size, rope_scaling={"type": "mrope", "mrope_section": sections}
         )
 
     def tiny_config(self, token_ids: dict[str, int], vocab_size: int) -> transformers.PretrainedConfig:
@@ -123,7 +123,7 @@ class Qwen25VL(Qwen2VL):
             "hidden_size": size.vision_hidden_size,
             "intermediate_size": 2 * size.vision_hidden_size,
             "out_hidden_size": size.hidden_size,
-            "num_heads": 2,
+            "num_heads": size.vision_heads,
             "patch_size": self.patch_size,
             "spatial_merge_size": self.merge_size,
             "temporal_patch_size": 2,
