@@ -23,21 +23,25 @@ _CPU_CHUNK_BYTES = 8 * 1024 * 1024
 _MAX_VOCAB_BLOCK = 8192
 
 
+def _as_tokens(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [..., H] and labels [...] as [tokens, H] and [tokens], checked to hold as many tokens."""
+    hidden_2d, labels_1d = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if labels_1d.shape[0] != hidden_2d.shape[0]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}")
+    return hidden_2d, labels_1d
+
+
 def fused_linear_cross_entropy_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
+    ignore_index: int = -100, reduction: str = "mean",
 ) -> torch.Tensor:
     """Hugging Face's ForCausalLMLoss on already-shifted labels: logits upcast to fp32, then cross-entropy.
 
     "mean" with every label ignored gives 0 (F.cross_entropy would give NaN).
     """
-    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    hidden, labels = _as_tokens(hidden, labels)
+    logits = F.linear(hidden, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    labels = labels.reshape(-1)
     if reduction == "mean" and not (labels != ignore_index).any():
         reduction = "sum"
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
@@ -207,13 +211,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    chunk_size: int | None = None,
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
+    ignore_index: int = -100, reduction: str = "mean", chunk_size: int | None = None,
 ) -> torch.Tensor:
     """fp32 cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (already shifted) without
     materializing the logits. hidden [..., H], weight [V, H], labels [...] (int64), bias [V] or None;
@@ -222,10 +221,7 @@ def fused_linear_cross_entropy(
     gradient, 8 MB on CPU)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    hidden_2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    labels_1d = labels.reshape(-1).contiguous()
-    if labels_1d.shape[0] != hidden_2d.shape[0]:
-        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}")
+    hidden_2d, labels_1d = (t.contiguous() for t in _as_tokens(hidden, labels))
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     if not torch.is_grad_enabled():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._shared import gated_backward, gated_forward
+from ._gated import block_offsets, gated_backward, gated_forward
 
 APPROXIMATIONS = ("tanh", "none")
 
@@ -26,13 +26,6 @@ def geglu_reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "ta
     """Hugging Face GemmaMLP: ``act_fn(gate_proj(x)) * up_proj(x)`` with GELU (``gelu_pytorch_tanh`` for
     ``approximate="tanh"``, ``gelu`` for ``"none"``), in the tensor dtype."""
     return F.gelu(gate, approximate=approximate) * up
-
-
-@triton.jit
-def _block_offsets(n_elements, BLOCK: tl.constexpr):
-    # int64 so that tensors past 2**31 elements still index correctly.
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return offsets, offsets < n_elements
 
 
 @triton.jit
@@ -54,7 +47,7 @@ def _gelu_and_derivative(z, APPROXIMATE_TANH: tl.constexpr):
 
 @triton.jit
 def _geglu_forward_kernel(gate_ptr, up_ptr, out_ptr, n_elements, APPROXIMATE_TANH: tl.constexpr, BLOCK: tl.constexpr):
-    offsets, mask = _block_offsets(n_elements, BLOCK)
+    offsets, mask = block_offsets(n_elements, BLOCK)
     gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     # The derivative is dead code here and is eliminated by the compiler.
@@ -67,7 +60,7 @@ def _geglu_backward_kernel(
     grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, n_elements,
     APPROXIMATE_TANH: tl.constexpr, NEEDS_GRAD_GATE: tl.constexpr, NEEDS_GRAD_UP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offsets, mask = _block_offsets(n_elements, BLOCK)
+    offsets, mask = block_offsets(n_elements, BLOCK)
     grad_out = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     gelu, derivative = _gelu_and_derivative(gate, APPROXIMATE_TANH)

@@ -6,7 +6,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import as_rows, backward_programs, round_to_nearest, row_block, row_tile, sum_partials
+from ._partial_sums import sum_partials
+from ._row_tiling import (
+    DEFAULT_ROW_TILING,
+    RowTiling,
+    as_rows,
+    backward_launch,
+    backward_row_tile,
+    forward_launch,
+    load_row_tile,
+    load_row_vector,
+    row_block,
+    row_columns,
+    store_column_partial,
+    store_row_tile,
+)
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -19,19 +33,17 @@ def _layer_norm_forward_kernel(
     X, W, B, Y, MEAN, RSTD, n_rows, n_cols, x_row_stride, y_row_stride, eps,
     BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    cols = tl.arange(0, BLOCK)
-    col_ok = cols < n_cols
+    cols, col_ok = row_columns(n_cols, BLOCK)
     rows, row_ok, mask = row_block(tl.program_id(0) * ROWS, n_rows, col_ok, ROWS)
 
-    x = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = load_row_tile(X, rows, x_row_stride, cols, mask)
     mean = tl.sum(x, axis=1) / n_cols
     # Two-pass variance (the row is in registers): no cancellation for rows with a large mean.
     centered = tl.where(mask, x - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / n_cols + eps)
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = centered * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(Y + rows[:, None] * y_row_stride + cols[None, :], round_to_nearest(y, Y.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
+    w = load_row_vector(W, cols, col_ok)
+    b = load_row_vector(B, cols, col_ok)
+    store_row_tile(Y, rows, y_row_stride, cols, mask, centered * rstd[:, None] * w[None, :] + b[None, :])
     tl.store(MEAN + rows, mean, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
@@ -42,16 +54,14 @@ def _layer_norm_backward_kernel(
     BLOCK: tl.constexpr, ROWS: tl.constexpr, COMPUTE_DW_DB: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK)
-    col_ok = cols < n_cols
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    cols, col_ok = row_columns(n_cols, BLOCK)
+    w = load_row_vector(W, cols, col_ok)
     dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     db = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-    for first_row in range(pid * ROWS, n_rows, n_programs * ROWS):
-        rows, row_ok, mask = row_block(first_row, n_rows, col_ok, ROWS)
-        x = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    for first_row in range(pid * ROWS, n_rows, tl.num_programs(0) * ROWS):
+        rows, row_ok, mask, x, dy = backward_row_tile(
+            X, DY, first_row, n_rows, x_row_stride, dy_row_stride, cols, col_ok, ROWS
+        )
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -62,43 +72,40 @@ def _layer_norm_backward_kernel(
         g_mean = tl.sum(g, axis=1) / n_cols
         projection = tl.sum(g * x_hat, axis=1) / n_cols
         dx = rstd[:, None] * (g - g_mean[:, None] - x_hat * projection[:, None])
-        tl.store(DX + rows[:, None] * dx_row_stride + cols[None, :], round_to_nearest(dx, DX.dtype.element_ty).to(DX.dtype.element_ty), mask=mask)
+        store_row_tile(DX, rows, dx_row_stride, cols, mask, dx)
     if COMPUTE_DW_DB:
-        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_ok)
-        tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db, axis=0), mask=col_ok)
+        store_column_partial(DW_PARTIAL, pid, n_cols, cols, col_ok, dw)
+        store_column_partial(DB_PARTIAL, pid, n_cols, cols, col_ok, db)
 
 
 def _layer_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, tiling: RowTiling
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_rows, n_cols = x.shape
     y = torch.empty_like(x)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block, rows, num_warps = row_tile(n_cols)
-    grid = (triton.cdiv(n_rows, rows),)
+    grid, launch = forward_launch(x, tiling)
     _layer_norm_forward_kernel[grid](
-        x, weight, bias, y, mean, rstd, n_rows, n_cols, x.stride(0), y.stride(0), eps,
-        BLOCK=block, ROWS=rows, num_warps=num_warps,
+        x, weight, bias, y, mean, rstd, n_rows, n_cols, x.stride(0), y.stride(0), eps, **launch
     )
     return y, mean, rstd
 
 
 def _layer_norm_backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias_dtype: torch.dtype,
-    mean: torch.Tensor, rstd: torch.Tensor, compute_dw_db: bool,
+    mean: torch.Tensor, rstd: torch.Tensor, compute_dw_db: bool, tiling: RowTiling,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     n_rows, n_cols = x.shape
-    block, rows, num_warps = row_tile(n_cols)
-    programs = backward_programs(x, triton.cdiv(n_rows, rows), num_warps, compute_dw_db)
+    grid, launch = backward_launch(x, compute_dw_db, tiling)
     dx = torch.empty_like(x)
     # fp32 partial sums per program, reduced once below: no bf16 atomics.
-    partials = torch.empty((2, programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw_db else None
+    partials = torch.empty((2, grid[0], n_cols), dtype=torch.float32, device=x.device) if compute_dw_db else None
     dw_partial, db_partial = (partials[0], partials[1]) if compute_dw_db else (rstd, rstd)
-    _layer_norm_backward_kernel[(programs,)](
+    _layer_norm_backward_kernel[grid](
         dy, x, weight, mean, rstd, dx, dw_partial, db_partial, n_rows, n_cols,
         dy.stride(0), x.stride(0), dx.stride(0),
-        BLOCK=block, ROWS=rows, COMPUTE_DW_DB=compute_dw_db, num_warps=num_warps,
+        COMPUTE_DW_DB=compute_dw_db, **launch,
     )
     if not compute_dw_db:
         return dx, None, None
@@ -108,12 +115,13 @@ def _layer_norm_backward(
 
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, tiling: RowTiling
+    ) -> torch.Tensor:
         x_rows = as_rows(x, x.shape[-1])
-        y, mean, rstd = _layer_norm_forward(x_rows, weight.contiguous(), bias.contiguous(), eps)
+        y, mean, rstd = _layer_norm_forward(x_rows, weight.contiguous(), bias.contiguous(), eps, tiling)
         ctx.save_for_backward(x_rows, weight, mean, rstd)
-        ctx.x_shape = x.shape
-        ctx.bias_dtype = bias.dtype
+        ctx.x_shape, ctx.bias_dtype, ctx.tiling = x.shape, bias.dtype, tiling
         return y.view(x.shape)
 
     @staticmethod
@@ -121,11 +129,15 @@ class LayerNormFunction(torch.autograd.Function):
         x_rows, weight, mean, rstd = ctx.saved_tensors
         compute_dw_db = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         dx, dw, db = _layer_norm_backward(
-            as_rows(dy, x_rows.shape[1]), x_rows, weight.contiguous(), ctx.bias_dtype, mean, rstd, compute_dw_db
+            as_rows(dy, x_rows.shape[1]), x_rows, weight.contiguous(), ctx.bias_dtype, mean, rstd, compute_dw_db,
+            ctx.tiling,
         )
-        return dx.view(ctx.x_shape), dw, db, None
+        return dx.view(ctx.x_shape), dw, db, None, None
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dimension of ``x`` (any leading shape), with the semantics of ``layer_norm_reference``."""
-    return LayerNormFunction.apply(x, weight, bias, eps)
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *, tiling: RowTiling = DEFAULT_ROW_TILING
+) -> torch.Tensor:
+    """LayerNorm over the last dimension of ``x`` (any leading shape), with the semantics of ``layer_norm_reference``;
+    ``tiling`` chooses how rows are split over programs (not the result)."""
+    return LayerNormFunction.apply(x, weight, bias, eps, tiling)

@@ -4,14 +4,31 @@ tile of positions and group of heads, and mrope's per-section stream choice is a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-# Tile of positions x half head_dim per program; a few heads per program share the cos/sin loads.
-_TILE_ELEMENTS = 1024
-_HEADS_PER_PROGRAM = 4
-_NUM_WARPS = 4
+from ._settings import require_at_least, require_power_of_two
+
+
+@dataclass(frozen=True)
+class RopeTiling:
+    """How the rotation is split over programs: a tile of positions x half head_dim for a few heads each."""
+
+    # Positions x half head_dim of a program's tile (a power of two, so the positions of a tile are one too).
+    tile_elements: int = 1024
+    # Heads one program rotates: they share its cos/sin loads.
+    heads_per_program: int = 4
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        require_power_of_two(self, "tile_elements", "num_warps")
+        require_at_least(self, 1, "heads_per_program")
+
+
+DEFAULT_ROPE_TILING = RopeTiling()
 
 
 # --------------------------------------------------------------------------- reference (Hugging Face semantics)
@@ -130,7 +147,7 @@ def _check_shapes(q, k, cos, sin):
         raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ")
 
 
-def _rotate(q, k, cos, sin, sections, backward):
+def _rotate(q, k, cos, sin, sections, tiling: RopeTiling, backward: bool):
     """cos, sin: [streams, B, S, D] with the batch dim possibly broadcast; sections: ends of streams 0 and 1."""
     batch, q_heads, seq_len, head_dim = q.shape
     k_heads = k.shape[1]
@@ -145,9 +162,10 @@ def _rotate(q, k, cos, sin, sections, backward):
         return q_out, k_out
 
     block_half = triton.next_power_of_2(half_dim)
-    block_s = min(triton.next_power_of_2(seq_len), max(1, _TILE_ELEMENTS // block_half))
-    q_groups = triton.cdiv(q_heads, _HEADS_PER_PROGRAM)
-    grid = (triton.cdiv(seq_len, block_s), q_groups + triton.cdiv(k_heads, _HEADS_PER_PROGRAM), batch)
+    block_s = min(triton.next_power_of_2(seq_len), max(1, tiling.tile_elements // block_half))
+    heads_per_program = tiling.heads_per_program
+    q_groups = triton.cdiv(q_heads, heads_per_program)
+    grid = (triton.cdiv(seq_len, block_s), q_groups + triton.cdiv(k_heads, heads_per_program), batch)
     _rope_kernel[grid](
         q, k, q_out, k_out, cos, sin,
         seq_len, half_dim, q_heads, k_heads, q_groups, sections[0], sections[1],
@@ -156,8 +174,8 @@ def _rotate(q, k, cos, sin, sections, backward):
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2),
         cos.stride(0), cos.stride(1), cos.stride(2),
-        BACKWARD=backward, BLOCK_S=block_s, BLOCK_HALF=block_half, HEADS_PER_PROGRAM=_HEADS_PER_PROGRAM,
-        num_warps=_NUM_WARPS,
+        BACKWARD=backward, BLOCK_S=block_s, BLOCK_HALF=block_half, HEADS_PER_PROGRAM=heads_per_program,
+        num_warps=tiling.num_warps,
     )
     return q_out, k_out
 
@@ -166,32 +184,33 @@ class RotaryFunction(torch.autograd.Function):
     """Rotates q and k; gradients flow to q and k only (cos/sin come from position ids)."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, sections):
+    def forward(ctx, q, k, cos, sin, sections, tiling: RopeTiling):
         ctx.save_for_backward(cos, sin)
-        ctx.sections = sections
-        return _rotate(q, k, cos, sin, sections, backward=False)
+        ctx.sections, ctx.tiling = sections, tiling
+        return _rotate(q, k, cos, sin, sections, tiling, backward=False)
 
     @staticmethod
     def backward(ctx, grad_q_out, grad_k_out):
         cos, sin = ctx.saved_tensors
-        grad_q, grad_k = _rotate(grad_q_out, grad_k_out, cos, sin, ctx.sections, backward=True)
-        return grad_q, grad_k, None, None, None
+        grad_q, grad_k = _rotate(grad_q_out, grad_k_out, cos, sin, ctx.sections, ctx.tiling, backward=True)
+        return grad_q, grad_k, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
 
 
-def apply_rotary(q, k, cos, sin):
-    """HF ``apply_rotary_pos_emb``: q [B, Hq, S, D], k [B, Hk, S, D], cos/sin [B or 1, S, D] -> (q_out, k_out)."""
+def apply_rotary(q, k, cos, sin, *, tiling: RopeTiling = DEFAULT_ROPE_TILING):
+    """HF ``apply_rotary_pos_emb``: q [B, Hq, S, D], k [B, Hk, S, D], cos/sin [B or 1, S, D] -> (q_out, k_out).
+    ``tiling`` chooses how the work is split over programs (not the result)."""
     _check_shapes(q, k, cos, sin)
     half_dim = q.shape[-1] // 2
-    return RotaryFunction.apply(q, k, cos.unsqueeze(0), sin.unsqueeze(0), (half_dim, half_dim))
+    return RotaryFunction.apply(q, k, cos.unsqueeze(0), sin.unsqueeze(0), (half_dim, half_dim), tiling)
 
 
-def apply_multimodal_rotary(q, k, cos, sin, mrope_section):
+def apply_multimodal_rotary(q, k, cos, sin, mrope_section, *, tiling: RopeTiling = DEFAULT_ROPE_TILING):
     """Qwen2-VL mrope: cos/sin [3, B or 1, S, D], ``mrope_section`` = 3 ints summing to D/2 -> (q_out, k_out)."""
     _check_shapes(q, k, cos, sin)
     if len(mrope_section) != 3 or sum(mrope_section) != q.shape[-1] // 2 or cos.shape[0] != 3:
         raise ValueError(f"mrope_section {list(mrope_section)} must be 3 ints summing to head_dim/2 with cos [3, ...]")
     sections = (mrope_section[0], mrope_section[0] + mrope_section[1])
-    return RotaryFunction.apply(q, k, cos, sin, sections)
+    return RotaryFunction.apply(q, k, cos, sin, sections, tiling)

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._shared import gated_backward, gated_forward
-
+from ._gated import block_offsets, gated_backward, gated_forward
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -19,15 +18,8 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _block_offsets(n_elements, BLOCK: tl.constexpr):
-    # int64 so that tensors past 2**31 elements still index correctly.
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return offsets, offsets < n_elements
-
-
-@triton.jit
 def _swiglu_forward_kernel(gate_ptr, up_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
-    offsets, mask = _block_offsets(n_elements, BLOCK)
+    offsets, mask = block_offsets(n_elements, BLOCK)
     gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     out = gate * tl.sigmoid(gate) * up
@@ -39,7 +31,7 @@ def _swiglu_backward_kernel(
     grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, n_elements,
     NEEDS_GRAD_GATE: tl.constexpr, NEEDS_GRAD_UP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offsets, mask = _block_offsets(n_elements, BLOCK)
+    offsets, mask = block_offsets(n_elements, BLOCK)
     grad_out = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)

@@ -27,15 +27,16 @@ from pathlib import Path
 import torch
 import transformers
 
-from vlm.cli.quantize import plan_quantization, take_batches
+from vlm.build.planning import plan_checkpoint, take_batches
 from vlm.data.datamodule import ShardDataModule
 from vlm.data.demo import DEMO_VOCABULARY, write_demo_shards
 from vlm.models.families import get_family
 from vlm.models.families.base import image_processor
-from vlm.models.loading import load_config, load_model, load_processor, model_skeleton, resolve_plan
+from vlm.models.loading import load_config, load_model, load_processor, model_skeleton
 from vlm.quant.calibrate import CalibrationSettings
 from vlm.quant.config import QuantConfig
 from vlm.quant.memory import GIB, predicted_bytes, stored_bytes
+from vlm.quant.policies import linear_layer_names
 
 POLICIES = {
     "none": QuantConfig(method="none"),
@@ -158,7 +159,7 @@ def main() -> None:
         if name == "dynamic":
             calibration, heldout = calibration_data(checkpoint, family, args.work / "demo")
             settings = CalibrationSettings(cache=False)
-            planning = plan_quantization(
+            planning = plan_checkpoint(
                 checkpoint, family, quant, settings, calibration_batches=calibration, heldout_batches=heldout, device=device
             )
             quant_plan, report = planning.plan, planning.report
@@ -167,7 +168,7 @@ def main() -> None:
                 extra["planning_peak_gib"] = round((torch.cuda.max_memory_allocated() - base) / GIB, 2)
             _empty_cache()
         else:
-            quant_plan, report = resolve_plan(family, config, quant), None
+            quant_plan, report = quant.resolve(linear_layer_names(model_skeleton(family, config)), family.parts), None
         t1 = time.perf_counter()
         model, _ = load_model(checkpoint, family, quant, quant_plan=quant_plan, device=device)
         allocated = _allocated() - base

@@ -15,7 +15,6 @@ from vlm.data.demo import DEMO_VOCABULARY
 from vlm.models.families import FAMILIES, get_family
 from vlm.models.tiny import build_tiny_checkpoint
 
-
 # Tests never reach W&B's servers: without an API key every run is offline.
 os.environ.pop("WANDB_API_KEY", None)
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -16,10 +16,15 @@ import torch
 from vlm.errors import ConfigError
 from vlm.kernels.qlora_linear import dequantize_nf4_reference
 from vlm.models.families import FAMILIES, TinySize, get_family
+from vlm.models.families.llava import Llava
 from vlm.models.loading import load_model
 from vlm.models.lora import LoraSettings, apply_lora
 from vlm.models.tiny import build_tiny_checkpoint
-from vlm.quant.bnb_layers import keep_cpu_weights_trainable, misread_on_cpu, repacks_on_cpu
+from vlm.quant.bnb_layers import (
+    keep_cpu_weights_trainable,
+    misread_on_cpu,
+    repacks_on_cpu,
+)
 from vlm.quant.config import QuantConfig
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -60,7 +65,7 @@ def test_bitsandbytes_dequantizes_every_4bit_layer_of_the_tiny_models_exactly_on
 
 def test_layers_whose_rows_bitsandbytes_misreads_on_the_cpu_are_refused_before_loading(tmp_path):
     assert misread_on_cpu([("a", 128), ("b", 96), ("c", 32), ("d", 64)]) == ["b", "c"]
-    family = get_family("llava", TinySize(vision_hidden_size=96, vision_heads=1))
+    family = Llava(tiny=TinySize(vision_hidden_size=96, vision_heads=1))
     checkpoint = build_tiny_checkpoint(family, tmp_path / "llava-96", ["a picture"])
     with pytest.raises(ConfigError, match=r"not a multiple of 64 wide .*vision_tower.*quant.skip_modules"):
         load_model(str(checkpoint), family, QuantConfig())

@@ -12,7 +12,14 @@ import pytest
 from PIL import Image
 
 from vlm.cli.shards import main
-from vlm.data.demo import BACKGROUND, COLOURS, DEMO_VOCABULARY, POSITIONS, demo_samples, write_demo_shards
+from vlm.data.demo import (
+    BACKGROUND,
+    COLOURS,
+    DEMO_VOCABULARY,
+    POSITIONS,
+    demo_samples,
+    write_demo_shards,
+)
 from vlm.data.records import IMAGE_PLACEHOLDER
 from vlm.data.stream import sample_stream
 

@@ -9,12 +9,16 @@ import transformers
 from PIL import Image
 
 from vlm.models.families import FAMILIES, get_family
-from vlm.models.loading import QuantizationMismatch, load_model, load_processor, verify_quantized
+from vlm.models.loading import (
+    QuantizationMismatch,
+    load_model,
+    load_processor,
+    verify_quantized,
+)
 from vlm.models.lora import LoraSettings, apply_lora, enable_gradient_checkpointing
 from vlm.quant.bnb_layers import quantized_layer_names
 from vlm.quant.config import QuantConfig
 from vlm.quant.policies import QuantPlan
-
 
 ALL_FAMILIES = sorted(FAMILIES)
 

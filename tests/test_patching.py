@@ -13,8 +13,8 @@ from test_models import one_image_conversation
 from vlm.models.families import get_family
 from vlm.models.loading import load_model, load_processor
 from vlm.models.lora import LoraSettings, apply_lora
-from vlm.patching import KernelSettings, apply_kernels
-from vlm.patching.functions import unpatch_rotary
+from vlm.patching import KernelSettings
+from vlm.patching import apply_kernels as patch_kernels
 from vlm.quant.config import QuantConfig
 
 # Triton runs CUDA tensors, or CPU tensors in its interpreter (set by conftest without a GPU).
@@ -50,14 +50,23 @@ def loss_and_grads(model, batch):
     return loss.detach(), grads
 
 
-@pytest.fixture(autouse=True)
-def restore_rotary():
-    yield
-    unpatch_rotary()
+@pytest.fixture
+def apply_kernels():
+    """``apply_kernels`` whose patches are undone after the test: the rotary patch replaces functions
+    of transformers' modeling modules, which outlive the test's model."""
+    reports = []
+
+    def apply(model, settings):
+        reports.append(patch_kernels(model, settings))
+        return reports[-1]
+
+    yield apply
+    for report in reversed(reports):
+        report.undo()
 
 
 @pytest.mark.parametrize("model_type", sorted(EXPECTED))
-def test_patched_model_has_the_same_loss_and_gradients(model_type, tiny_checkpoint, one_cpu_thread):
+def test_patched_model_has_the_same_loss_and_gradients(model_type, tiny_checkpoint, one_cpu_thread, apply_kernels):
     path = tiny_checkpoint(model_type)
     processor = load_processor(path, get_family(model_type))
     batch = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in one_image_conversation(processor).items()}
@@ -75,14 +84,31 @@ def test_patched_model_has_the_same_loss_and_gradients(model_type, tiny_checkpoi
         torch.testing.assert_close(grad, reference_grads[name], **GRAD_TOLERANCE, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_each_kernel_switches_on_alone(tiny_checkpoint):
+def test_undo_takes_every_patch_back(tiny_checkpoint):
+    import sys
+
+    model = qlora_model("qwen2_5_vl", tiny_checkpoint("qwen2_5_vl"))
+    modeling = {name: dict(vars(sys.modules[name])) for name in {type(m).__module__ for m in model.modules()}}
+    own_forwards = {name for name, module in model.named_modules() if "forward" in vars(module)}
+
+    report = patch_kernels(model, ALL)
+    assert sum(report.patched.values()) > 20
+    report.undo()
+
+    assert {name for name, module in model.named_modules() if "forward" in vars(module)} == own_forwards
+    for name, attributes in modeling.items():
+        now = vars(sys.modules[name])
+        assert all(now[key] is value for key, value in attributes.items() if key.startswith("apply_")), name
+
+
+def test_each_kernel_switches_on_alone(tiny_checkpoint, apply_kernels):
     model = qlora_model("qwen2_5_vl", tiny_checkpoint("qwen2_5_vl"))
     report = apply_kernels(model, KernelSettings(rms_norm=True))
     assert set(report.patched) == {"rms_norm"}
     assert apply_kernels(model, KernelSettings()).patched == {}
 
 
-def test_lora_dropout_keeps_peft_forward(tiny_checkpoint):
+def test_lora_dropout_keeps_peft_forward(tiny_checkpoint, apply_kernels):
     family = get_family("qwen2_5_vl")
     model, _ = load_model(tiny_checkpoint("qwen2_5_vl"), family, QuantConfig(compute_dtype="float32"), device=DEVICE)
     model = apply_lora(model, family, LoraSettings(r=4, alpha=8, dropout=0.1))
@@ -99,7 +125,7 @@ def _llama_mlp():
 
 
 @pytest.mark.parametrize("hooked", [False, True], ids=["no_hook", "hook_keeps_output"])
-def test_patched_mlp_overwrites_its_projections_only_when_no_hook_can_see_them(hooked):
+def test_patched_mlp_overwrites_its_projections_only_when_no_hook_can_see_them(hooked, apply_kernels):
     mlp = _llama_mlp()
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     kept = []
@@ -117,7 +143,7 @@ def test_patched_mlp_overwrites_its_projections_only_when_no_hook_can_see_them(h
         torch.testing.assert_close(output, copy, rtol=0, atol=0)
 
 
-def test_patched_mlp_keeps_a_projection_output_that_its_own_op_saved_for_backward():
+def test_patched_mlp_keeps_a_projection_output_that_its_own_op_saved_for_backward(apply_kernels):
     # tanh saves its result for backward: writing the gate's grad over it would corrupt gate_proj's grads.
     mlp = _llama_mlp()
     mlp.gate_proj = torch.nn.Sequential(mlp.gate_proj, torch.nn.Tanh())
@@ -155,7 +181,7 @@ class _DoubledModule(torch.nn.Module):
 
 
 @pytest.mark.parametrize("gate_from", ["linear", "custom_function"])
-def test_patched_mlp_under_activation_checkpointing_recomputes_once_and_matches(gate_from):
+def test_patched_mlp_under_activation_checkpointing_recomputes_once_and_matches(gate_from, apply_kernels):
     # From a custom Function, deciding whether the gate may be overwritten must not unpack that Function's
     # saved tensors in forward, which under checkpointing would run an extra recomputation.
     from torch.utils.checkpoint import checkpoint

@@ -8,7 +8,12 @@ import pytest
 import torch
 from planted import ToyLM, every_position, toy_batches, toy_forward
 
-from vlm.quant.calibrate import CalibrationSettings, batches_fingerprint, measure, parse_bytes
+from vlm.quant.calibrate import (
+    CalibrationSettings,
+    batches_fingerprint,
+    measure,
+    parse_bytes,
+)
 from vlm.quant.fidelity import fidelity, reference_log_probs
 from vlm.quant.selection import Candidate, candidates, greedy_keep, random_keep
 from vlm.quant.sensitivity import measure_layers

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from vlm.models.families import get_family
-from vlm.models.loading import load_config, load_model, model_skeleton, resolve_plan
+from vlm.models.loading import load_config, load_model, model_skeleton
 from vlm.quant.config import QuantConfig
 from vlm.quant.formats import round_trip, weight_bytes
 from vlm.quant.memory import human_bytes, predicted_bytes, stored_bytes, weight_memory
-from vlm.quant.policies import plan
+from vlm.quant.policies import linear_layer_names, plan
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (3, 100), (1, 7), (129, 257)])
@@ -39,9 +39,9 @@ def test_four_bit_size_counts_every_tensor_bitsandbytes_keeps(shape, double_quan
 )
 def test_prediction_from_the_skeleton_equals_the_loaded_models_bytes(quant, tiny_checkpoint):
     path, family = tiny_checkpoint("mllama"), get_family("mllama")
-    config = load_config(path, family)
-    quant_plan = resolve_plan(family, config, quant)
-    predicted = predicted_bytes(model_skeleton(family, config), quant_plan.quantized, quant.method, quant.double_quant)
+    skeleton = model_skeleton(family, load_config(path, family))
+    quant_plan = quant.resolve(linear_layer_names(skeleton), family.parts)
+    predicted = predicted_bytes(skeleton, quant_plan.quantized, quant.method, quant.double_quant)
     model, _ = load_model(path, family, quant)
     assert stored_bytes(model) == predicted
 

@@ -7,9 +7,16 @@ import statistics
 
 import pytest
 import torch
-from planted import QWEN_PLANTED, ToyLM, every_position, planted_checkpoint, toy_batches, toy_forward
+from planted import (
+    QWEN_PLANTED,
+    ToyLM,
+    every_position,
+    planted_checkpoint,
+    toy_batches,
+    toy_forward,
+)
 
-from vlm.cli.quantize import check_loaded, plan_quantization, take_batches
+from vlm.build.planning import causal_lm_probe, check_loaded, plan_checkpoint, take_batches
 from vlm.data.datamodule import ShardDataModule
 from vlm.data.demo import write_demo_shards
 from vlm.models.families import get_family
@@ -72,7 +79,7 @@ def planted_qwen(tiny_checkpoint, tmp_path_factory):
 def test_dynamic_keeps_the_planted_layer_of_a_vision_language_model_and_buys_fidelity(planted_qwen, one_cpu_thread):
     family, checkpoint, calibration, heldout = planted_qwen
     settings = CalibrationSettings(budget_bytes="64KB", random_baselines=6, cache=False)
-    planning = plan_quantization(
+    planning = plan_checkpoint(
         checkpoint, family, QuantConfig(policy="dynamic"), settings, calibration_batches=calibration, heldout_batches=heldout
     )
     report = planning.report
@@ -99,16 +106,14 @@ def test_dynamic_keeps_the_planted_layer_of_a_vision_language_model_and_buys_fid
 def test_a_tight_budget_still_reaches_the_planted_layer_first(planted_qwen, one_cpu_thread):
     family, checkpoint, calibration, _ = planted_qwen
     settings = CalibrationSettings(budget_bytes=48_000, fidelity_batches=0, cache=False)
-    planning = plan_quantization(checkpoint, family, QuantConfig(policy="dynamic"), settings, calibration_batches=calibration)
+    planning = plan_checkpoint(checkpoint, family, QuantConfig(policy="dynamic"), settings, calibration_batches=calibration)
     assert QWEN_PLANTED in planning.plan.kept
     assert planning.report.fidelity == {} and planning.reference is None
 
 
 def test_simulated_quantization_matches_the_loaded_four_bit_model(planted_qwen, one_cpu_thread):
-    from vlm.cli.quantize import LogitsProbe
-
     family, checkpoint, _, heldout = planted_qwen
-    probe = LogitsProbe("cpu")
+    probe = causal_lm_probe("cpu")
     sixteen, _ = load_model(checkpoint, family, QuantConfig(method="none"))
     four, report = load_model(checkpoint, family, QuantConfig())
     with torch.no_grad(), simulated_quantization(sixteen.eval(), report.plan.quantized, "nf4"):

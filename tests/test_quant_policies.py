@@ -6,10 +6,10 @@ import bitsandbytes as bnb
 import pytest
 
 from vlm.models.families import get_family
-from vlm.models.loading import linear_layer_names, load_model
+from vlm.models.loading import load_model
 from vlm.quant.bnb_layers import quantized_layer_names
 from vlm.quant.config import QuantConfig
-from vlm.quant.policies import ModelParts, PolicyError, plan
+from vlm.quant.policies import ModelParts, PolicyError, linear_layer_names, plan
 
 CLIP_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 MLLAMA_VIT_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.fc1", "mlp.fc2")

@@ -12,7 +12,7 @@ import pytest
 from composing import compose_small
 
 from vlm.cli.quantize import quantize
-from vlm.cli.wiring import ConfigError
+from vlm.errors import ConfigError
 
 
 def compose_quantize(tmp_path: Path, *overrides: str, run: str = "run"):
@@ -80,9 +80,9 @@ def test_the_installed_command_writes_the_report_and_exits_2_on_bad_input(tmp_pa
 
 
 def test_a_16bit_model_too_large_for_the_gpu_skips_measuring_or_stops_dynamic_clearly(tmp_path, monkeypatch):
-    import vlm.cli.quantize as planning
+    import vlm.build.planning as planning
 
-    monkeypatch.setattr(planning, "_memory_shortfall", lambda size, device: "it needs about 24 GiB on cuda:0, which has 20 GiB free")
+    monkeypatch.setattr(planning, "memory_shortfall", lambda size, device: "it needs about 24 GiB on cuda:0, which has 20 GiB free")
     report = quantize(compose_quantize(tmp_path, "quant=bridge_skip"))
     assert report.layers is None and report.fidelity == {}  # trained anyway, reported without measurements
     with pytest.raises(ConfigError, match="needs about 24 GiB.*calibration.device=cpu"):

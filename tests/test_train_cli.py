@@ -13,8 +13,9 @@ import yaml
 from composing import compose_small
 from hydra.errors import MissingConfigException
 
-from vlm.cli.train import ConfigError, train
+from vlm.cli.train import train
 from vlm.configs import config_dir
+from vlm.errors import ConfigError
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 # On PYTHONPATH, makes bitsandbytes take the path of a CPU without AVX512-BF16 (see its docstring).

@@ -13,12 +13,12 @@ import lightning
 import pytest
 import torch
 from peft import PeftModel
-
 from tiny_llama import N_LINEAR_4BIT, cpu_trainer, load_4bit, loader, make_batch
 
-from vlm.training.callbacks import RunSummary, ThroughputMonitor, count_parameters, json_safe
+from vlm.training.callbacks import RunSummary, ThroughputMonitor, count_parameters
 from vlm.training.module import VisionLanguageFineTuner
 from vlm.training.optim import LRScheduleConfig, adamw
+from vlm.training.plain import plain
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -52,7 +52,7 @@ def read_metrics(path: Path) -> dict:
 def test_run_summary_after_validate_and_fit(make_qlora_model, load_base, tmp_path: Path) -> None:
     out = tmp_path / "run"
     monitor = ThroughputMonitor()
-    summary = RunSummary(out, extra={"run_name": "tiny", "nan_metric": float("nan"), "path": tmp_path})
+    summary = RunSummary(out, facts={"run_name": "tiny", "nan_metric": float("nan"), "path": tmp_path})
     trainer = make_trainer(tmp_path, [monitor, summary], max_steps=6, val_check_interval=3, num_sanity_val_steps=1)
     module = make_module(make_qlora_model())
     train = loader([make_batch(0), make_batch(1), make_batch(2)] * 2)
@@ -157,7 +157,7 @@ class _Boom(VisionLanguageFineTuner):
 
 def test_run_summary_records_failures(make_qlora_model, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    trainer = make_trainer(tmp_path, [ThroughputMonitor(), RunSummary(out, extra={"seed": 3})], max_steps=5)
+    trainer = make_trainer(tmp_path, [ThroughputMonitor(), RunSummary(out, facts={"seed": 3})], max_steps=5)
     module = _Boom(make_qlora_model(), optimizer=functools.partial(adamw, lr=1e-3))
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(module, loader([make_batch(i) for i in range(5)]))
@@ -181,7 +181,7 @@ def test_run_summary_state_survives_checkpoint_round_trip(tmp_path: Path) -> Non
     assert second.state_dict() == state
 
 
-def test_json_safe_is_strict() -> None:
+def test_plain_data_is_strict_json() -> None:
     value = {
         "nan": float("nan"),
         "inf": float("-inf"),
@@ -191,7 +191,7 @@ def test_json_safe_is_strict() -> None:
         "nested": [1, (2.0, float("nan"))],
         1: "key",
     }
-    text = json.dumps(json_safe(value), allow_nan=False)
+    text = json.dumps(plain(value), allow_nan=False)
     assert json.loads(text) == {
         "nan": None,
         "inf": None,

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
-
 from tiny_llama import cpu_trainer, loader, make_batch
 
 from vlm.training.module import VisionLanguageFineTuner, supervised_token_count

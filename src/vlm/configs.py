@@ -1,6 +1,6 @@
 """Where the Hydra configs live, and the resolvers they use.
 
-conf/ sits at the top of the repository and ships inside the wheel as ``vlm/conf``: an
+conf/ sits at the top of the repository and is linked into the package as ``src/vlm/conf``: an
 installed package reads its own copy, a source checkout (editable install) the repository's.
 """
 
@@ -13,12 +13,8 @@ from omegaconf import OmegaConf
 
 
 def config_dir() -> Path:
-    """The directory holding ``train.yaml``."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "conf", package.parents[1] / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"no Hydra config directory with train.yaml next to {package}")
+    """The directory holding ``train.yaml``: the repository's ``conf/``, linked into the package as ``vlm/conf``."""
+    return Path(__file__).resolve().parent / "conf"
 
 
 def wandb_offline() -> bool:

@@ -1,19 +1,20 @@
-"""The QLoRA linear kernel against bitsandbytes' NF4 dequantization, a float64 reference and PEFT."""
+"""The QLoRA linear kernel against a float64 reference and PEFT on bitsandbytes (its NF4 dequantization:
+test_nf4.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import assert_close_at_scale, dtype_id
+from kernel_checks import assert_close_at_scale, assert_same_bits, dtype_id, quantized_nf4_weight
 
 bnb = pytest.importorskip("bitsandbytes")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-from vlm.kernels import qlora_linear as qlora_module  # noqa: E402
 from vlm.kernels.qlora_linear import (  # noqa: E402
+    DEFAULT_QLORA_TUNING,
+    QLoRATuning,
     dequantize_nf4,
-    dequantize_nf4_reference,
-    dequantize_nf4_widened,
+    lora_inside_gemm,
     qlora_linear,
     qlora_linear_reference,
 )
@@ -30,90 +31,11 @@ DTYPES = list(TOLERANCES)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.view(torch.int32 if tensor.element_size() == 4 else torch.int16)
-
-
-def _assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    mismatches = (_bits(actual) != _bits(expected)).sum().item()
-    assert mismatches == 0, f"{mismatches} of {expected.numel()} values differ"
-
-
-def _quantized_weight(out_features, in_features, dtype, double_quant, generator, device=DEVICE):
-    weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
-    return bnb_functional.quantize_4bit(
-        weight.to(device=device, dtype=dtype), blocksize=64, compress_statistics=double_quant, quant_type="nf4"
-    )
-
-
-# ----------------------------------------------------------------------------- dequantization
-
-
-@pytest.mark.parametrize("quant_dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax_fp32", "double_quant"])
-@pytest.mark.parametrize(
-    "shape",
-    [(3, 100), (5, 7), (1, 1), (300, 257), (64, 256)],
-    ids=["blocks_straddle_rows", "odd_element_count", "one_element", "not_multiple_of_64x256", "aligned"],
-)
-def test_dequantize_nf4_equals_bitsandbytes_bit_for_bit(shape, quant_dtype, double_quant):
-    generator = torch.Generator().manual_seed(0)
-    packed, quant_state = _quantized_weight(*shape, quant_dtype, double_quant, generator)
-    expected = bnb_functional.dequantize_4bit(packed, quant_state)
-    _assert_same_bits(dequantize_nf4(packed, quant_state), expected)
-    _assert_same_bits(dequantize_nf4_reference(packed, quant_state), expected)
-
-
-@pytest.mark.parametrize("blocksize", [32, 128, 4096])
-def test_dequantize_nf4_equals_bitsandbytes_for_other_blocksizes(blocksize):
-    generator = torch.Generator().manual_seed(2)
-    weight = torch.randn(70, 130, generator=generator).to(DEVICE, torch.bfloat16)
-    packed, quant_state = bnb_functional.quantize_4bit(
-        weight, blocksize=blocksize, compress_statistics=True, quant_type="nf4"
-    )
-    _assert_same_bits(dequantize_nf4(packed, quant_state), bnb_functional.dequantize_4bit(packed, quant_state))
-
-
-@pytest.mark.parametrize("quant_dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("out_dtype", DTYPES, ids=dtype_id)
-def test_dequantize_nf4_into_another_dtype_equals_bitsandbytes_then_cast(quant_dtype, out_dtype):
-    generator = torch.Generator().manual_seed(1)
-    packed, quant_state = _quantized_weight(33, 130, quant_dtype, True, generator)
-    expected = bnb_functional.dequantize_4bit(packed, quant_state).to(out_dtype)
-    _assert_same_bits(dequantize_nf4(packed, quant_state, dtype=out_dtype), expected)
-
-
-@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax_fp32", "double_quant"])
-@pytest.mark.parametrize("rank, width", [(1, 192), (16, 256), (8, 136)], ids=["rank1_padded", "rank16_padded", "unpadded"])
-def test_widened_dequantization_is_weight_then_lora_b_then_zeros(rank, width, double_quant):
-    generator = torch.Generator().manual_seed(7)
-    packed, quant_state = _quantized_weight(70, 128, torch.bfloat16, double_quant, generator)
-    right = torch.randn(70, rank, generator=generator).to(DEVICE, torch.bfloat16)
-    wide = dequantize_nf4_widened(packed, quant_state, right, width)
-
-    assert wide.shape == (70, width)
-    _assert_same_bits(wide[:, :128].contiguous(), bnb_functional.dequantize_4bit(packed, quant_state))
-    _assert_same_bits(wide[:, 128:128 + rank].contiguous(), right)
-    assert torch.equal(wide[:, 128 + rank:], torch.zeros_like(wide[:, 128 + rank:]))
-
-
-def test_widened_dequantization_reads_a_transposed_right_operand_and_refuses_split_blocks():
-    generator = torch.Generator().manual_seed(8)
-    packed, quant_state = _quantized_weight(40, 64, torch.float32, True, generator)
-    right = torch.randn(4, 40, generator=generator).to(DEVICE).t()  # [40, 4], column-major
-    wide = dequantize_nf4_widened(packed, quant_state, right, 128)
-    _assert_same_bits(wide[:, 64:68].contiguous(), right.contiguous())
-    packed, quant_state = _quantized_weight(40, 100, torch.float32, True, generator)  # rows end mid-block
-    with pytest.raises(ValueError, match="whole blocks"):
-        dequantize_nf4_widened(packed, quant_state, right, 128)
-
-
 # ----------------------------------------------------------------------------- the linear layer
 
 
 def _random_layer(out_features, in_features, rank, dtype, with_bias, generator, device=DEVICE):
-    packed, quant_state = _quantized_weight(out_features, in_features, dtype, True, generator, device)
+    packed, quant_state = quantized_nf4_weight(out_features, in_features, dtype, True, generator, device)
     lora_A = torch.randn(rank, in_features, generator=generator) / in_features**0.5
     lora_B = torch.randn(out_features, rank, generator=generator) / rank**0.5  # not zero, unlike LoRA's init
     bias = torch.randn(out_features, generator=generator) if with_bias else None
@@ -128,7 +50,11 @@ def _forward_and_grads(fn, x, lora_A, lora_B, grad_out, **kwargs):
     return out, x.grad, lora_A.grad, lora_B.grad
 
 
-def _check_against_float64_reference(x_shape, out_features, rank, dtype, with_bias, device=DEVICE, seed=0):
+def _check_against_float64_reference(
+    x_shape, out_features, rank, dtype, with_bias, device=DEVICE, seed=0, tuning=DEFAULT_QLORA_TUNING
+):
+    """Forward and grads of ``qlora_linear`` with ``tuning`` against the float64 reference; returns the layer's
+    QuantState."""
     generator = torch.Generator().manual_seed(seed)
     in_features = x_shape[-1]
     packed, quant_state, lora_A, lora_B, bias = _random_layer(
@@ -139,7 +65,7 @@ def _check_against_float64_reference(x_shape, out_features, rank, dtype, with_bi
     scaling = 2.0 if rank > 1 else 0.3  # PEFT's alpha / r, and one that is not a power of two
     common = dict(weight4bit=packed, quant_state=quant_state, scaling=scaling)
 
-    actual = _forward_and_grads(qlora_linear, x, lora_A, lora_B, grad_out, bias=bias, **common)
+    actual = _forward_and_grads(qlora_linear, x, lora_A, lora_B, grad_out, bias=bias, tuning=tuning, **common)
     f64 = torch.float64
     expected = _forward_and_grads(
         qlora_linear_reference, x.to(f64), lora_A.to(f64), lora_B.to(f64), grad_out.to(f64),
@@ -148,6 +74,7 @@ def _check_against_float64_reference(x_shape, out_features, rank, dtype, with_bi
     for name, a, e in zip(["out", "grad_x", "grad_A", "grad_B"], actual, expected):
         assert a.dtype == dtype and a.shape == e.shape, name
         assert_close_at_scale(a, e, TOLERANCES[dtype])
+    return quant_state
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -164,16 +91,14 @@ def test_qlora_linear_matches_float64_reference_forward_and_backward(x_shape, ou
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("rank", [1, 8, 32])
-@pytest.mark.parametrize("lora_inside_gemm", [True, False], ids=["lora_inside_gemm", "lora_before_gemm"])
-def test_both_forward_paths_match_float64_reference(lora_inside_gemm, rank, dtype, monkeypatch):
-    # [x | x_a] @ [W | B].T, or the LoRA product first and the GEMM accumulating onto it: chosen by shape.
-    monkeypatch.setattr(qlora_module, "LORA_INSIDE_GEMM_MIN_WIDENING", 0.0 if lora_inside_gemm else float("inf"))
-    taken = []
-    for path in ("_forward_lora_inside_gemm", "_forward_lora_before_gemm"):
-        original = getattr(qlora_module, path)
-        monkeypatch.setattr(qlora_module, path, lambda *a, _f=original, _p=path: taken.append(_p) or _f(*a))
-    _check_against_float64_reference((2, 3, 128), 96, rank, dtype, with_bias=True)
-    assert taken == ["_forward_lora_inside_gemm" if lora_inside_gemm else "_forward_lora_before_gemm"]
+@pytest.mark.parametrize("inside", [True, False], ids=["lora_inside_gemm", "lora_before_gemm"])
+def test_both_forward_paths_match_float64_reference(inside, rank, dtype):
+    # [x | x_a] @ [W | B].T, or the LoRA product first and the GEMM accumulating onto it: chosen by the shape
+    # against the tuning's widening threshold (here 128 -> 96, which by default goes before the GEMM).
+    tuning = QLoRATuning(lora_inside_gemm_min_widening=0.0 if inside else float("inf"))
+    quant_state = _check_against_float64_reference((2, 3, 128), 96, rank, dtype, with_bias=True, tuning=tuning)
+    assert lora_inside_gemm(quant_state, rank, tuning) == inside
+    assert not lora_inside_gemm(quant_state, rank, DEFAULT_QLORA_TUNING)
 
 
 def test_only_lora_grads_when_input_is_frozen():
@@ -268,16 +193,14 @@ def test_qlora_linear_and_its_reference_equal_peft_lora_on_bitsandbytes_linear4b
 @pytest.mark.gpu
 def test_qlora_linear_at_mlp_size_on_cuda():
     generator = torch.Generator().manual_seed(5)
-    packed, quant_state = _quantized_weight(14336, 4096, torch.bfloat16, True, generator, device="cuda")
-    _assert_same_bits(dequantize_nf4(packed, quant_state), bnb_functional.dequantize_4bit(packed, quant_state))
+    packed, quant_state = quantized_nf4_weight(14336, 4096, torch.bfloat16, True, generator, device="cuda")
+    assert_same_bits(dequantize_nf4(packed, quant_state), bnb_functional.dequantize_4bit(packed, quant_state))
     _check_against_float64_reference((4096, 4096), 14336, 16, torch.bfloat16, True, device="cuda", seed=5)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("on_default_stream", [True, False], ids=["default_stream", "user_stream"])
-def test_side_stream_overlap_changes_no_bit_of_outputs_or_grads(monkeypatch, on_default_stream):
-    from vlm.kernels import qlora_linear as module
-
+def test_side_stream_overlap_changes_no_bit_of_outputs_or_grads(on_default_stream):
     generator = torch.Generator().manual_seed(6)
     packed, quant_state, lora_A, lora_B, bias = _random_layer(1536, 1024, 16, torch.bfloat16, True, generator, "cuda")
     x = torch.randn(2048, 1024, generator=generator).to("cuda", torch.bfloat16)
@@ -286,11 +209,11 @@ def test_side_stream_overlap_changes_no_bit_of_outputs_or_grads(monkeypatch, on_
 
     results = {}
     for overlap in (False, True):
-        monkeypatch.setattr(module, "OVERLAP_ON_SIDE_STREAM", overlap)
+        tuning = QLoRATuning(overlap_on_side_stream=overlap)
         stream = torch.cuda.current_stream() if on_default_stream else torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            results[overlap] = _forward_and_grads(qlora_linear, x, lora_A, lora_B, grad_out, **common)
+            results[overlap] = _forward_and_grads(qlora_linear, x, lora_A, lora_B, grad_out, tuning=tuning, **common)
         torch.cuda.synchronize()
     for serial, overlapped in zip(results[False], results[True]):  # out, grad x, grad A, grad B
-        _assert_same_bits(overlapped, serial)
+        assert_same_bits(overlapped, serial)

@@ -4,18 +4,12 @@ forward and backward, for any leading shape and fp32/bf16/fp16 inputs."""
 
 import pytest
 import torch
-from kernel_checks import summed_over_rows
+from kernel_checks import NORM_CASES, NORM_TOLERANCES, assert_norm_matches_float64, norm_inputs
 
+from vlm.kernels._row_tiling import DEFAULT_ROW_TILING
 from vlm.kernels.rms_norm import rms_norm, rms_norm_reference
 
-# Against a float64 reference the output is rounded to nearest up to twice (the normalized row to x's dtype, then
-# the product), half an epsilon each: rtol is a little over one epsilon of the dtype, atol a floor near zero.
-# fp32 also leaves room for fp32 sums over a row and, for the weight grad, over all rows.
-TOLERANCES = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
-    torch.float16: dict(atol=1e-3, rtol=1.25e-3),
-}
+TOLERANCES = NORM_TOLERANCES
 DTYPES = list(TOLERANCES)
 # The small cases run wherever Triton can: the interpreter on CPU, or the GPU when there is one.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,65 +18,33 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
 
 
-def _inputs(shape, width, dtype, weight_dtype, device=DEVICE, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, width, generator=generator)
-    weight = 1.0 + 0.5 * torch.randn(width, generator=generator)
-    return x.to(device=device, dtype=dtype), weight.to(device=device, dtype=weight_dtype), generator
-
-
-def _assert_matches_float64_reference(shape, width, dtype, weight_dtype=None, device=DEVICE, weight_requires_grad=True):
+def _assert_matches_float64_reference(
+    shape, width, dtype, weight_dtype=None, device=DEVICE, weight_requires_grad=True, tiling=DEFAULT_ROW_TILING
+):
     weight_dtype = weight_dtype or dtype
-    x, weight, generator = _inputs(shape, width, dtype, weight_dtype, device)
-    x.requires_grad_(True)
-    weight.requires_grad_(weight_requires_grad)
-    x64 = x.detach().double().requires_grad_(True)
-    weight64 = weight.detach().double().requires_grad_(weight_requires_grad)
-
-    out = rms_norm(x, weight, EPS)
-    expected = rms_norm_reference(x64, weight64, EPS)
-    grad_out = torch.randn(out.shape, generator=generator).to(device=device, dtype=out.dtype)
-    out.backward(grad_out)
-    expected.backward(grad_out.double())
-
-    tolerance = TOLERANCES[dtype]
-    assert out.dtype == torch.promote_types(weight_dtype, dtype)
-    torch.testing.assert_close(out.double(), expected, **tolerance)
-    assert x.grad.dtype == dtype
-    torch.testing.assert_close(x.grad.double(), x64.grad, **tolerance)
-    if weight_requires_grad:
-        assert weight.grad.dtype == weight_dtype
-        summed = summed_over_rows(tolerance, x.numel() // width)
-        torch.testing.assert_close(weight.grad.double(), weight64.grad, **summed)
+    x, (weight,), generator = norm_inputs(shape, width, dtype, weight_dtype, device)
+    assert_norm_matches_float64(
+        lambda x, w: rms_norm(x, w, EPS, tiling=tiling), lambda x, w: rms_norm_reference(x, w, EPS),
+        x, [weight.requires_grad_(weight_requires_grad)], generator, TOLERANCES[dtype],
+        out_dtype=torch.promote_types(weight_dtype, dtype),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("width", [64, 100, 1000])
-@pytest.mark.parametrize("rows", [1, 7, 33])
-def test_forward_and_grads_match_float64_reference(rows, width, dtype):
-    _assert_matches_float64_reference((rows,), width, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_any_leading_shape_is_normalized_over_the_last_dimension(dtype):
-    _assert_matches_float64_reference((2, 3), 100, dtype)
+@pytest.mark.parametrize("shape, width, tiling", NORM_CASES)
+def test_forward_and_grads_match_float64_reference(shape, width, tiling, dtype):
+    _assert_matches_float64_reference(shape, width, dtype, tiling=tiling)
 
 
 def test_non_contiguous_input_matches_reference():
     generator = torch.Generator().manual_seed(1)
     # 5 rows of width 100, row stride 1
-    x = torch.randn(100, 5, generator=generator).to(DEVICE).t().requires_grad_(True)
+    x = torch.randn(100, 5, generator=generator).to(DEVICE).t()
     weight = (1.0 + 0.5 * torch.randn(100, generator=generator)).to(DEVICE).requires_grad_(True)
-    x64, weight64 = x.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
-    grad_out = torch.randn(5, 100, generator=generator).to(DEVICE)
-
-    out = rms_norm(x, weight, EPS)
-    expected = rms_norm_reference(x64, weight64, EPS)
-    out.backward(grad_out)
-    expected.backward(grad_out.double())
-
-    for actual, wanted in [(out, expected), (x.grad, x64.grad), (weight.grad, weight64.grad)]:
-        torch.testing.assert_close(actual.double(), wanted, **TOLERANCES[torch.float32])
+    assert_norm_matches_float64(
+        lambda x, w: rms_norm(x, w, EPS), lambda x, w: rms_norm_reference(x, w, EPS),
+        x, [weight], generator, TOLERANCES[torch.float32], out_dtype=torch.float32,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -92,7 +54,7 @@ def test_fp32_weight_with_half_input_promotes_output_to_fp32(dtype):
 
 
 def test_bf16_output_is_within_one_ulp_of_the_reference_run_in_bf16():
-    x, weight, _ = _inputs((33,), 1000, torch.bfloat16, torch.bfloat16, DEVICE)
+    x, (weight,), _ = norm_inputs((33,), 1000, torch.bfloat16, torch.bfloat16, DEVICE)
     out = rms_norm(x, weight, EPS)
     expected = rms_norm_reference(x, weight, EPS)
     # Same roundings in the same order; only fp32 sum order and rsqrt may flip a rounding.
@@ -109,7 +71,7 @@ def test_frozen_weight_still_gives_input_grad(dtype):
 def test_reference_matches_hugging_face_llama_rms_norm(dtype):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    x, weight, _ = _inputs((2, 5), 64, dtype, dtype, DEVICE)
+    x, (weight,), _ = norm_inputs((2, 5), 64, dtype, dtype, DEVICE)
     module = LlamaRMSNorm(64, eps=EPS).to(device=DEVICE, dtype=dtype)
     with torch.no_grad():
         module.weight.copy_(weight)

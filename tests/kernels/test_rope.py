@@ -5,8 +5,9 @@ by ``mrope_section``), forward and backward, for fp32/bf16/fp16 and grouped-quer
 import pytest
 import torch
 
-import vlm.kernels.rope as rope
 from vlm.kernels.rope import (
+    DEFAULT_ROPE_TILING,
+    RopeTiling,
     apply_multimodal_rotary,
     apply_multimodal_rotary_reference,
     apply_rotary,
@@ -56,20 +57,28 @@ def _assert_kernel_matches_float64_reference(kernel, reference, q, k, cos, sin, 
         torch.testing.assert_close(actual.double(), expected, **tolerance)
 
 
-def _check_standard(batch, q_heads, k_heads, seq, head_dim, dtype, device=DEVICE, cos_batch=None):
+def _check_standard(
+    batch, q_heads, k_heads, seq, head_dim, dtype, device=DEVICE, cos_batch=None, tiling=DEFAULT_ROPE_TILING
+):
     generator = torch.Generator().manual_seed(0)
     q, k = _random_qk(batch, q_heads, k_heads, seq, head_dim, dtype, device, generator)
     cos, sin = _random_cos_sin((batch if cos_batch is None else cos_batch,), seq, head_dim, dtype, device, generator)
-    _assert_kernel_matches_float64_reference(apply_rotary, apply_rotary_reference, q, k, cos, sin, generator)
+
+    def kernel(q, k, cos, sin):
+        return apply_rotary(q, k, cos, sin, tiling=tiling)
+
+    _assert_kernel_matches_float64_reference(kernel, apply_rotary_reference, q, k, cos, sin, generator)
 
 
-def _check_multimodal(batch, q_heads, k_heads, seq, head_dim, section, dtype, device=DEVICE):
+def _check_multimodal(
+    batch, q_heads, k_heads, seq, head_dim, section, dtype, device=DEVICE, tiling=DEFAULT_ROPE_TILING
+):
     generator = torch.Generator().manual_seed(0)
     q, k = _random_qk(batch, q_heads, k_heads, seq, head_dim, dtype, device, generator)
     cos, sin = _random_cos_sin((3, batch), seq, head_dim, dtype, device, generator)
 
     def kernel(q, k, cos, sin):
-        return apply_multimodal_rotary(q, k, cos, sin, section)
+        return apply_multimodal_rotary(q, k, cos, sin, section, tiling=tiling)
 
     def reference(q, k, cos, sin):
         return apply_multimodal_rotary_reference(q, k, cos, sin, section)
@@ -184,11 +193,16 @@ def test_hugging_face_transposed_q_and_k_layout_is_read_in_place(dtype):
     _assert_kernel_matches_float64_reference(apply_rotary, apply_rotary_reference, q, k, cos, sin, generator)
 
 
-def test_heads_split_over_several_programs(monkeypatch):
+def test_heads_split_over_several_programs():
     """More heads than one program rotates: full and partial groups of q heads and a partial group of k heads."""
-    monkeypatch.setattr(rope, "_HEADS_PER_PROGRAM", 3)
-    _check_standard(1, 4, 2, 5, 64, torch.float32)
-    _check_multimodal(1, 4, 2, 5, 64, [8, 12, 12], torch.float32)
+    tiling = RopeTiling(heads_per_program=3)
+    _check_standard(1, 4, 2, 5, 64, torch.float32, tiling=tiling)
+    _check_multimodal(1, 4, 2, 5, 64, [8, 12, 12], torch.float32, tiling=tiling)
+
+
+def test_positions_split_over_several_tiles():
+    """A tile of 64 elements holds two positions of half head_dim 32: 5 positions take three tiles, the last ragged."""
+    _check_standard(1, 2, 1, 5, 64, torch.float32, tiling=RopeTiling(tile_elements=64))
 
 
 def test_cos_and_sin_get_no_gradient():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from kernel_checks import assert_close_at_scale, dtype_id
 
-from vlm.kernels.thin_products import THIN_MAX_RANK, ThinTiling, thin_products
+from vlm.kernels.qlora.thin_products import DEFAULT_THIN_TILING, ThinTiling, thin_products, thin_products_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Errors are measured on results divided by the float64 result's RMS (sums grow with their length): a few
@@ -18,6 +18,7 @@ TOLERANCES = {
     torch.float16: dict(atol=2e-3, rtol=2e-3),
 }
 RAGGED = ThinTiling(block_m=16, block_n=32, num_warps=4, programs_per_sm=4)
+MAX_RANK = DEFAULT_THIN_TILING.max_rank
 
 
 def _random(*shape, dtype, seed):
@@ -30,11 +31,11 @@ def _assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, dtype: 
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=dtype_id)
-@pytest.mark.parametrize("rank", [1, 8, 24, THIN_MAX_RANK, THIN_MAX_RANK + 8])
+@pytest.mark.parametrize("rank", [1, 8, 24, MAX_RANK, MAX_RANK + 8])
 @pytest.mark.parametrize(
     "rows, cols, tiling",
     [
-        (1, 48, None),
+        (1, 48, DEFAULT_THIN_TILING),
         # Several column strips and row groups, each with a ragged last tile: every partial sum counts.
         (70, 100, RAGGED),
     ],
@@ -81,3 +82,11 @@ def test_operands_it_cannot_read_are_refused():
         thin_products(big.t(), _random(8, 4, dtype=torch.float32, seed=7), None)
     with pytest.raises(ValueError, match="contiguous"):
         thin_products(big, None, _random(4, 8, dtype=torch.float32, seed=8).t())
+
+
+def test_ranks_above_the_tilings_max_rank_are_cublas_products():
+    shapes = [(70, 100), (100, 8), (70, 8)]
+    big, right, left = (_random(*shape, dtype=torch.float32, seed=i) for i, shape in enumerate(shapes))
+    actual = thin_products(big, right, left, 0.3, ThinTiling(block_m=16, block_n=32, max_rank=4))
+    for product, expected in zip(actual, thin_products_reference(big, right, left, 0.3)):
+        assert torch.equal(product, expected)

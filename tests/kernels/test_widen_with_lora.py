@@ -6,7 +6,12 @@ import pytest
 import torch
 from kernel_checks import assert_close_at_scale, dtype_id
 
-from vlm.kernels.widen_with_lora import ROW_ALIGNMENT, widen_with_lora, widen_with_lora_reference, widened_width
+from vlm.kernels.qlora.widen_with_lora import (
+    ROW_ALIGNMENT,
+    widen_with_lora,
+    widen_with_lora_reference,
+    widened_width,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # x_a is one fp32 sum rounded once; errors are relative to its RMS: a few units in the last place.

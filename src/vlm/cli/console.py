@@ -130,17 +130,6 @@ def print_data_summary(data: DictConfig, train: str, val: str | None) -> None:
     _console().print(f"  {data_line(data, train, val)}")
 
 
-def wandb_offline_dirs(loggers: list[Any]) -> list[Path]:
-    """The ``offline-run-*`` folder of each offline W&B run, which is what ``wandb sync`` takes."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    dirs = []
-    for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger.experiment.offline:
-            dirs.append(Path(logger.experiment.dir).parent)
-    return dirs
-
-
 def print_wandb_offline(dirs: list[Path]) -> None:
     for folder in dirs:
         _console().print(f"W&B is offline (no API key): upload the run later with `wandb sync {folder}`")
@@ -178,7 +167,7 @@ def final_summary(summary: Mapping[str, Any], output_dir: Path, offline_dirs: li
 def print_final_summary(summary: Mapping[str, Any], output_dir: Path, offline_dirs: list[Path]) -> None:
     console = _console()
     wall = summary.get("wall_time_s")
-    console.print(f"[bold]done[/bold]" + (f" in {wall:.0f} s" if wall else "") + f" → {output_dir}")
+    console.print("[bold]done[/bold]" + (f" in {wall:.0f} s" if wall else "") + f" → {output_dir}")
     for line in final_summary(summary, output_dir, offline_dirs):
         console.print(f"  {line}")
 

@@ -17,7 +17,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vlm.data.convert import VAL_PREFIX, ConversionReport, InputFileError, ValidationSplit, convert
+from vlm.data.convert import (
+    VAL_PREFIX,
+    ConversionReport,
+    InputFileError,
+    ValidationSplit,
+    convert,
+)
 from vlm.data.demo import DEFAULT_SHARDS_PER_SPLIT, MIN_IMAGE_SIZE, write_demo_shards
 
 

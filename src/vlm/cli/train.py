@@ -1,44 +1,46 @@
-"""`vlm-train`: compose the config, validate it, build the objects in order and fit.
+"""`vlm-train`: compose the config, validate it, assemble the run and fit.
 
-The only module that sees the whole config. Everything it builds gets plain arguments.
-Order: validate (no weights) → data → tiny checkpoint if asked → processor → data module →
-quantization plan (calibrated and reported, see `vlm.cli.quantize`) → model (load + verify
-quantization → LoRA → checkpointing) → Lightning module → fit.
+Order: the run's plan (every setting validated, no weights) → data → the checkpoint (a tiny one
+built if asked) → processor → data module → quantization plan (calibrated and reported, see
+:mod:`vlm.build.planning`) → model (load → verify → LoRA → kernels → checkpointing, see
+:mod:`vlm.build.model`) → Lightning module, callbacks, loggers → fit.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig
 
+from vlm.build.tracking import finish_runs, offline_run_dirs, publish_quant_report, save_config
 from vlm.configs import config_dir, register_resolvers
-
+from vlm.errors import ConfigError
 from vlm.sweeps.jobs import JobIdentity, claimed_gpu, free_accelerator_memory, job_identity, record_failure
 
 from . import console
-from .quantize import check_loaded, plan_for_run, publish
 from .wiring import (
-    ConfigError,
-    build_components,
+    build_callbacks,
     build_datamodule,
-    close_loggers,
+    build_loggers,
+    plan_for_run,
     prepare_demo_data,
     resolve_checkpoint,
-    save_config_to_wandb,
+    run_plan,
     target_device,
     write_resolved_config,
 )
 
+if TYPE_CHECKING:
+    from vlm.build.run import RunParts, RunPlan
+
 log = logging.getLogger("vlm.train")
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig) -> dict:
     """Run one training job; returns the run summary (what ``metrics.json`` holds).
 
     In a sweep whose jobs run side by side on one machine (the joblib launcher), the job first
@@ -46,136 +48,85 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     import torch
 
-    parts = build_components(cfg, ("model", "quant", "lora", "kernels"))
-    identity = job_identity(cfg, parts["model"].family, parts["quant"].policy)
+    plan = run_plan(cfg)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if identity.parallel_local and gpus > 1 and target_device(cfg.trainer).startswith("cuda"):
-        with claimed_gpu(Path(identity.sweep_dir) / ".gpu-locks", gpus, preferred=identity.job_num or 0) as gpu:
+    if plan.identity.parallel_local and gpus > 1 and target_device(cfg.trainer).startswith("cuda"):
+        lock_dir = Path(plan.identity.sweep_dir) / ".gpu-locks"
+        with claimed_gpu(lock_dir, gpus, preferred=plan.identity.job_num or 0) as gpu:
             torch.cuda.set_device(gpu)
-            return _fit(cfg, parts, identity, gpu)
-    return _fit(cfg, parts, identity, None)
+            return fit(cfg, plan, gpu)
+    return fit(cfg, plan, None)
 
 
-def _fit(cfg: DictConfig, parts: dict[str, Any], identity: JobIdentity, gpu: int | None) -> dict[str, Any]:
+def fit(cfg: DictConfig, plan: RunPlan, gpu: int | None) -> dict:
+    """Assemble the run of ``plan`` on ``gpu`` (or where ``cfg.trainer`` says) and fit it."""
     import lightning as L
     from hydra.utils import instantiate
 
-    from vlm.data.inventory import inventory
-    from vlm.models.families import get_family
-    from vlm.models.loading import load_model, load_processor
-    from vlm.models.lora import apply_lora, enable_gradient_checkpointing
-    from vlm.patching import apply_kernels
-    from vlm.quant.memory import stored_bytes
-    from vlm.training.callbacks import RunSummary
-    from vlm.training.module import VisionLanguageFineTuner
-
-    spec, quant, lora = parts["model"], parts["quant"], parts["lora"]
-    family = get_family(spec.family)
-    L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-    resolved = write_resolved_config(cfg, output_dir)
+    L.seed_everything(plan.seed, workers=True)
+    resolved = write_resolved_config(cfg, plan.output_dir)
     console.print_run_header(cfg)
-
-    prepare_demo_data(cfg)
-    checkpoint = resolve_checkpoint(spec, family, cfg.seed)
-    processor = load_processor(checkpoint, family)
-    datamodule = build_datamodule(cfg.data, processor, family)
-    console.print_data_summary(
-        cfg.data,
-        inventory(datamodule.urls).describe(),
-        inventory(datamodule.val_urls).describe() if datamodule.val_urls else None,
-    )
-    callbacks = build_callbacks(cfg)
-    loggers = build_loggers(cfg, identity)
-
-    device = target_device(cfg.trainer, gpu)
-    planning = plan_for_run(cfg, spec, family, quant, checkpoint, processor, device)
-    model, load_report = load_model(
-        checkpoint, family, quant, quant_plan=planning.plan, device=device, attn_implementation=spec.attn_implementation
-    )
-    planning.report.loaded_bytes = stored_bytes(model)
-    loaded_fidelity = check_loaded(planning, model, device)
-    if loaded_fidelity is not None:
-        planning.report.fidelity["loaded"] = loaded_fidelity
-    model = apply_lora(model, family, lora)
-    patches = apply_kernels(model, parts["kernels"])
-    if parts["kernels"].enabled():
-        log.info(patches.summary())
-    if spec.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    module = VisionLanguageFineTuner(
-        model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler)
-    )
-    for callback in callbacks:
-        if isinstance(callback, RunSummary):
-            callback.extra.update(
-                {
-                    "family": family.model_type,
-                    "checkpoint": checkpoint,
-                    "quant_policy": quant.policy,
-                    "quant_method": quant.method,
-                    "kept_in_16bit": list(load_report.plan.kept),
-                    "weight_bytes": planning.report.loaded_bytes,
-                    "quant_fidelity": {k: v.as_dict() for k, v in planning.report.fidelity.items()},
-                    "lora_r": lora.r,
-                    "kernels": dict(patches.patched),
-                    "max_seq_length": cfg.data.max_seq_length,
-                    "skipped_samples": datamodule.skipped,  # filled as training runs
-                    **identity.as_dict(),
-                }
-            )
+    parts = assemble(cfg, plan, target_device(cfg.trainer, gpu))
     placement = {"devices": [gpu]} if gpu is not None else {}
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **placement)
-    offline_dirs: list[Path] = []
+    trainer = instantiate(cfg.trainer, callbacks=parts.callbacks, logger=parts.loggers or False, **placement)
     try:
-        for logger in loggers:
+        for logger in parts.loggers:
             logger.log_hyperparams(resolved)
-        save_config_to_wandb(loggers, resolved)
-        offline_dirs = console.wandb_offline_dirs(loggers)
+        save_config(parts.loggers, resolved)
+        offline_dirs = offline_run_dirs(parts.loggers)
         console.print_wandb_offline(offline_dirs)
-        publish(planning.report, output_dir, loggers, top=cfg.get("report_top_layers", 15))
-        if cfg.get("validate_before_fit") and datamodule.val_urls is not None:
-            trainer.validate(module, datamodule=datamodule, verbose=False)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        publish_quant_report(parts.planning.report, plan.output_dir, parts.loggers, top=cfg.get("report_top_layers", 15))
+        if cfg.get("validate_before_fit") and parts.datamodule.val_urls is not None:
+            trainer.validate(parts.module, datamodule=parts.datamodule, verbose=False)
+        trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cfg.get("ckpt_path"))
     finally:
-        close_loggers(loggers)
-
-    metrics_path = output_dir / "metrics.json"
-    summary = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    console.print_final_summary(summary, output_dir, offline_dirs)
+        finish_runs()
+    summary = (parts.summary.written if parts.summary is not None else None) or {}
+    console.print_final_summary(summary, plan.output_dir, offline_dirs)
     return summary
 
 
-def build_callbacks(cfg: DictConfig) -> list[Any]:
-    """The configured callbacks; without the progress bar where ``trainer.enable_progress_bar=false``
-    (Lightning refuses a progress bar callback then)."""
-    from hydra.utils import instantiate
-    from lightning.pytorch.callbacks.progress import ProgressBar
-
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    if cfg.trainer.get("enable_progress_bar", True) is False:
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    return callbacks
-
-
-def build_loggers(cfg: DictConfig, identity: JobIdentity) -> list[Any]:
-    """The configured loggers; a W&B run is named after the job's overrides, grouped by its sweep
-    (unless ``logger.wandb.group`` is set) and tagged with model, quant policy, rank and length."""
+def assemble(cfg: DictConfig, plan: RunPlan, device: str) -> RunParts:
+    """Data, the quantization plan, the model built in its steps, and the Lightning parts around it."""
+    # Imported here, not with the module: `main` first quiets the libraries these import (PEFT
+    # imports bitsandbytes, which prints a notice while being imported).
     from hydra.utils import instantiate
 
-    loggers = []
-    for node in (cfg.get("logger") or {}).values():
-        if node is None:
-            continue
-        extra: dict[str, Any] = {}
-        if str(node.get("_target_", "")).endswith("WandbLogger"):
-            extra = {
-                "name": identity.name,
-                "group": node.get("group") or identity.group,
-                "tags": [*(node.get("tags") or []), *identity.tags],
-            }
-        loggers.append(instantiate(node, **extra))
-    return loggers
+    from vlm.build.model import ModelRecipe, build_model
+    from vlm.build.run import RunFacts, RunParts
+    from vlm.data.inventory import inventory
+    from vlm.models.loading import load_processor
+    from vlm.training.module import VisionLanguageFineTuner
+
+    prepare_demo_data(cfg)
+    checkpoint = resolve_checkpoint(plan.spec, plan.family, plan.seed)
+    processor = load_processor(checkpoint, plan.family)
+    datamodule = build_datamodule(cfg.data, processor, plan.family)
+    val = inventory(datamodule.val_urls).describe() if datamodule.val_urls else None
+    console.print_data_summary(cfg.data, inventory(datamodule.urls).describe(), val)
+    loggers = build_loggers(cfg, plan)
+
+    planning = plan_for_run(cfg, plan.family, plan.quant, plan.calibration, checkpoint, processor, device)
+    recipe = ModelRecipe(
+        checkpoint=checkpoint,
+        family=plan.family,
+        quant=plan.quant,
+        lora=plan.lora,
+        kernels=plan.kernels,
+        gradient_checkpointing=plan.spec.gradient_checkpointing,
+        device=device,
+        attn_implementation=plan.spec.attn_implementation,
+    )
+    built = build_model(recipe, planning)
+    planning.report.loaded_bytes = built.stored_bytes
+    if built.loaded_fidelity is not None:
+        planning.report.fidelity["loaded"] = built.loaded_fidelity
+    if plan.kernels.enabled():
+        log.info(built.patches.summary())
+    module = VisionLanguageFineTuner(built.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
+    facts = RunFacts.of(plan, checkpoint, planning, built)
+    callbacks, summary = build_callbacks(cfg, facts.as_dict())
+    return RunParts(module, datamodule, callbacks, loggers, planning, summary)
 
 
 def in_multirun() -> bool:
@@ -209,9 +160,10 @@ def run_job(cfg: DictConfig) -> float | None:
 
 
 def _identity_or_none(cfg: DictConfig) -> JobIdentity | None:
+    """The failed job's labels, where its config still gives them (a bad value may be why it failed)."""
     try:
         return job_identity(cfg, str(cfg.model.get("family")), str(cfg.quant.get("policy")))
-    except Exception:  # noqa: BLE001 - the failure being recorded matters more than its labels
+    except (ValueError, KeyError, AttributeError):
         return None
 
 

@@ -1,6 +1,6 @@
-"""What the entry points share: turning config nodes into the objects a run starts from.
-
-Only entry points (``vlm.cli``) read the whole config; they hand plain objects onward.
+"""Config → objects, for the entry points: the run's plan, its data, its planning, its callbacks
+and loggers. The only code besides the entry points that reads the whole config; everything it
+builds gets plain arguments or typed settings.
 """
 
 from __future__ import annotations
@@ -12,9 +12,23 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vlm.build.planning import (
+    Planning,
+    needs_measurement,
+    plan_checkpoint,
+    take_batches,
+)
+from vlm.build.run import RunPlan
 from vlm.errors import ConfigError
+from vlm.models.families import ModelFamily, get_family
+from vlm.quant.calibrate import CalibrationSettings
+from vlm.quant.config import QuantConfig
+from vlm.sweeps.jobs import job_identity
 
 log = logging.getLogger("vlm")
+
+# The callback that writes metrics.json: built last, with the facts of how the run was built.
+RUN_SUMMARY = "run_summary"
 
 
 def instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
@@ -32,9 +46,21 @@ def instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def build_components(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
-    """Instantiate the small config objects; each validates its own keys before anything loads."""
-    return {key: instantiate_checked(cfg[key]) for key in keys}
+def run_plan(cfg: DictConfig) -> RunPlan:
+    """The typed settings of a training run; each validates its own keys before anything loads."""
+    spec, quant = instantiate_checked(cfg.model), instantiate_checked(cfg.quant)
+    return RunPlan(
+        spec=spec,
+        family=get_family(spec.family),
+        quant=quant,
+        lora=instantiate_checked(cfg.lora),
+        kernels=instantiate_checked(cfg.kernels),
+        calibration=instantiate_checked(cfg.calibration),
+        identity=job_identity(cfg, spec.family, str(quant.policy)),
+        output_dir=Path(cfg.paths.output_dir),
+        seed=int(cfg.seed),
+        max_seq_length=int(cfg.data.max_seq_length),
+    )
 
 
 def prepare_demo_data(cfg: DictConfig) -> None:
@@ -51,7 +77,7 @@ def prepare_demo_data(cfg: DictConfig) -> None:
     write_demo_shards(out_dir, demo.n_train, demo.n_val, demo.image_size, demo.seed)
 
 
-def resolve_checkpoint(spec: Any, family: Any, seed: int) -> str:
+def resolve_checkpoint(spec: Any, family: ModelFamily, seed: int) -> str:
     """The checkpoint to load: the spec's, or the tiny one built (once) for its family."""
     if not spec.is_tiny:
         return spec.checkpoint
@@ -61,7 +87,7 @@ def resolve_checkpoint(spec: Any, family: Any, seed: int) -> str:
     return str(build_tiny_checkpoint(family, spec.tiny_dir, DEMO_VOCABULARY, seed=seed))
 
 
-def build_datamodule(data_cfg: DictConfig, processor: Any, family: Any, **overrides: Any) -> Any:
+def build_datamodule(data_cfg: DictConfig, processor: Any, family: ModelFamily, **overrides: Any) -> Any:
     """The data module of ``data_cfg`` around ``processor``; invalid values become a ``ConfigError``."""
     return instantiate_checked(
         data_cfg,
@@ -91,25 +117,88 @@ def write_resolved_config(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return resolved
 
 
-# --------------------------------------------------------------------------- W&B
-def wandb_runs(loggers: list[Any]) -> list[Any]:
-    from lightning.pytorch.loggers import WandbLogger
+# --------------------------------------------------------------------------- planning
+def gather_batches(
+    cfg: DictConfig, calibration: CalibrationSettings, processor: Any, family: ModelFamily
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Calibration batches from the training shards (or ``calibration.urls``), held-out batches
+    from the validation shards (or, without them, the training batches that follow)."""
+    overrides = {"urls": calibration.urls} if calibration.urls else {}
+    datamodule = build_datamodule(cfg.data, processor, family, **overrides)
+    calibration_batches = take_batches(datamodule.stream_dataloader(datamodule.urls), calibration.batches)
+    if not calibration.fidelity_batches:
+        return calibration_batches, []
+    if datamodule.val_urls is not None:
+        heldout = take_batches(datamodule.stream_dataloader(datamodule.val_urls), calibration.fidelity_batches)
+    else:
+        heldout = take_batches(
+            datamodule.stream_dataloader(datamodule.urls), calibration.fidelity_batches, skip=calibration.batches
+        )
+    return calibration_batches, heldout
 
-    return [logger.experiment for logger in loggers if isinstance(logger, WandbLogger)]
+
+def plan_for_run(
+    cfg: DictConfig,
+    family: ModelFamily,
+    quant: QuantConfig,
+    calibration: CalibrationSettings,
+    checkpoint: str,
+    processor: Any,
+    device: str,
+) -> Planning:
+    """Planning as both entry points run it: batches gathered only when something is measured."""
+    batches: tuple[list, list] = ([], [])
+    if needs_measurement(quant, calibration):
+        batches = gather_batches(cfg, calibration, processor, family)
+    return plan_checkpoint(
+        checkpoint,
+        family,
+        quant,
+        calibration,
+        calibration_batches=batches[0],
+        heldout_batches=batches[1],
+        device=device,
+        attn_implementation=cfg.model.attn_implementation,
+        cache_dir=Path(cfg.paths.cache_dir) / "calibration",
+    )
 
 
-def save_config_to_wandb(loggers: list[Any], resolved: dict[str, Any]) -> None:
-    """Keep the resolved config as a file of the W&B run too; offline runs hold it then, and sync it."""
-    for run in wandb_runs(loggers):
-        path = Path(run.dir) / "vlm_config.yaml"
-        path.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-        run.save(str(path), base_path=run.dir, policy="now")
+# --------------------------------------------------------------------------- callbacks and loggers
+def build_callbacks(cfg: DictConfig, facts: dict[str, Any]) -> tuple[list[Any], Any | None]:
+    """The configured callbacks, and among them the run summary (``callbacks.run_summary``, handed
+    ``facts``; None where the config removed it). Without the progress bar where
+    ``trainer.enable_progress_bar=false``: Lightning refuses a progress bar callback then."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks.progress import ProgressBar
+
+    callbacks, summary = [], None
+    for key, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        callback = instantiate(node, facts=facts) if key == RUN_SUMMARY else instantiate(node)
+        summary = callback if key == RUN_SUMMARY else summary
+        callbacks.append(callback)
+    if cfg.trainer.get("enable_progress_bar", True) is False:
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks, summary
 
 
-def close_loggers(loggers: list[Any]) -> None:
-    """Finish W&B runs, also after a failure, so the run directory is complete (config, history)."""
-    from lightning.pytorch.loggers import WandbLogger
+def build_loggers(cfg: DictConfig, plan: RunPlan) -> list[Any]:
+    """The configured loggers; a W&B run is named after the job's overrides, grouped by its sweep
+    (unless ``logger.wandb.group`` is set) and tagged with model, quant policy, rank and length."""
+    from hydra.utils import instantiate
 
-    for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
+    loggers = []
+    identity = plan.identity
+    for node in (cfg.get("logger") or {}).values():
+        if node is None:
+            continue
+        extra: dict[str, Any] = {}
+        if str(node.get("_target_", "")).endswith("WandbLogger"):
+            extra = {
+                "name": identity.name,
+                "group": node.get("group") or identity.group,
+                "tags": [*(node.get("tags") or []), *identity.tags],
+            }
+        loggers.append(instantiate(node, **extra))
+    return loggers

@@ -31,7 +31,14 @@ from typing import Any
 
 from PIL import Image, ImageOps
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from vlm.data.records import (
     REASON_BAD_JSON,
@@ -43,7 +50,15 @@ from vlm.data.records import (
     align_placeholders,
     normalize_conversation,
 )
-from vlm.data.shards import ImageFile, ShardSeries, check_key, encode_image, encode_record, image_file, shard_pattern
+from vlm.data.shards import (
+    ImageFile,
+    ShardSeries,
+    check_key,
+    encode_image,
+    encode_record,
+    image_file,
+    shard_pattern,
+)
 
 _MAX_KEY_LENGTH = 80
 VAL_PREFIX = "val"

@@ -15,9 +15,13 @@ import transformers
 from torch import nn
 
 from vlm.errors import ConfigError
-from vlm.quant.bnb_layers import keep_cpu_weights_trainable, misread_on_cpu, quantized_layer_names
+from vlm.quant.bnb_layers import (
+    keep_cpu_weights_trainable,
+    misread_on_cpu,
+    quantized_layer_names,
+)
 from vlm.quant.config import QuantConfig
-from vlm.quant.policies import QuantPlan, plan
+from vlm.quant.policies import QuantPlan, linear_layer_names
 
 from .families import ModelFamily
 from .families.base import slow_image_processor_class
@@ -57,24 +61,6 @@ def model_skeleton(family: ModelFamily, config: transformers.PretrainedConfig) -
         return family.model_class(config)
 
 
-def linear_layer_names(model: nn.Module) -> list[str]:
-    """Full names of every ``nn.Linear`` of ``model`` (bitsandbytes' layers are ``nn.Linear`` too)."""
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-
-
-def resolve_plan(
-    family: ModelFamily, config: transformers.PretrainedConfig, quant: QuantConfig, calibrated: tuple[str, ...] = ()
-) -> QuantPlan:
-    """``quant``'s policy as exact module names of this model; ``calibrated`` is ``dynamic``'s choice.
-
-    Raises ``vlm.quant.policies.PolicyError`` (a ``ValueError``) when it cannot be resolved.
-    """
-    names = linear_layer_names(model_skeleton(family, config))
-    if not quant.quantizes:
-        return QuantPlan.unquantized(names)
-    return plan(names, quant.policy, family.parts, quant.skip_modules, calibrated)
-
-
 def bitsandbytes_config(quant: QuantConfig, keep: tuple[str, ...]) -> transformers.BitsAndBytesConfig | None:
     if not quant.quantizes:
         return None
@@ -107,13 +93,15 @@ def load_model(
 
     Raises ``QuantizationMismatch`` when the quantized layers differ from the plan.
     """
-    if quant_plan is None and quant.policy == "dynamic":
-        raise ValueError("quant.policy=dynamic needs the calibrated plan (vlm.cli.quantize.plan_quantization)")
+    if quant_plan is None and quant.calibrates:
+        raise ValueError("quant.policy=dynamic needs the calibrated plan (vlm.build.planning.plan_checkpoint)")
     config = load_config(checkpoint, family)
+    on_cpu_in_4bit = torch.device(device).type == "cpu" and quant.method in ("nf4", "fp4")
+    skeleton = model_skeleton(family, config) if quant_plan is None or on_cpu_in_4bit else None
     if quant_plan is None:
-        quant_plan = resolve_plan(family, config, quant)
-    if torch.device(device).type == "cpu" and quant.method in ("nf4", "fp4"):
-        refuse_misread_layers(model_skeleton(family, config), quant_plan)
+        quant_plan = quant.resolve(linear_layer_names(skeleton), family.parts)
+    if on_cpu_in_4bit:
+        refuse_misread_layers(skeleton, quant_plan)
     kwargs: dict[str, Any] = {
         "dtype": quant.torch_compute_dtype,
         "device_map": {"": str(device)},
@@ -164,10 +152,10 @@ def verify_quantized(model: nn.Module, quant_plan: QuantPlan) -> None:
 
 def load_processor(checkpoint: str, family: ModelFamily) -> Any:
     """The checkpoint's processor (tokenizer, image processor and chat template) via ``from_pretrained``."""
-    if not family.video_optional:
+    if family.image_only_processor is None:
         return transformers.AutoProcessor.from_pretrained(checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    return family.image_only_processor_class(
+    return family.image_only_processor(
         image_processor=_slow_image_processor(checkpoint),
         tokenizer=tokenizer,
         chat_template=_processor_chat_template(checkpoint) or tokenizer.chat_template,

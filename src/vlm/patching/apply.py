@@ -1,48 +1,17 @@
-"""Which kernels to patch in (config) and the one entry point that patches them."""
+"""The one entry point that patches the enabled kernels into a model."""
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import asdict, dataclass, field
-
 from torch import nn
 
-KERNELS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu", "cross_entropy", "lora")
-
-
-@dataclass(frozen=True)
-class KernelSettings:
-    """One switch per kernel, so that an ablation can sweep them (``kernels.rms_norm=false``)."""
-
-    rms_norm: bool = False
-    layer_norm: bool = False
-    rope: bool = False
-    swiglu: bool = False
-    geglu: bool = False
-    cross_entropy: bool = False
-    lora: bool = False
-
-    def enabled(self) -> list[str]:
-        return [name for name, on in asdict(self).items() if on]
-
-
-@dataclass
-class PatchReport:
-    """How many places each kernel was patched into, and what was left alone and why."""
-
-    patched: Counter = field(default_factory=Counter)
-    skipped: Counter = field(default_factory=Counter)  # "kernel: reason" → count
-
-    def summary(self) -> str:
-        done = ", ".join(f"{name} ×{n}" for name, n in sorted(self.patched.items())) or "none"
-        left = ", ".join(f"{why} ×{n}" for why, n in sorted(self.skipped.items()))
-        return f"kernels patched: {done}" + (f"; left alone: {left}" if left else "")
+from . import functions, loss, modules
+from .report import PatchReport
+from .settings import KernelSettings
 
 
 def apply_kernels(model: nn.Module, settings: KernelSettings) -> PatchReport:
-    """Patch the enabled kernels into ``model`` (after LoRA, before gradient checkpointing)."""
-    from . import functions, loss, modules
-
+    """Patch the enabled kernels into ``model`` (after LoRA, before gradient checkpointing);
+    the report's ``undo()`` takes them all back."""
     report = PatchReport()
     if settings.rms_norm:
         modules.patch_rms_norms(model, report)

@@ -3,7 +3,8 @@
 Hugging Face attention modules look ``apply_rotary_pos_emb`` (and, in releases that have it,
 ``apply_multimodal_rotary_pos_emb``) up in their modeling module at call time, so replacing the
 module attribute reaches every layer. The replacement falls back to the original for any call
-whose layout it does not cover.
+whose layout it does not cover. A replacement remembers what it replaces (``_vlm_replaces``), so
+a model patched twice, or a second model of the same modeling module, is not wrapped again.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import sys
 
 from torch import nn
 
-from .apply import PatchReport
-
-ORIGINALS: dict[tuple[str, str], object] = {}
+from .report import PatchReport
 
 
 def _modeling_modules(model: nn.Module) -> set[str]:
@@ -27,31 +26,24 @@ def patch_rotary(model: nn.Module, report: PatchReport) -> None:
     for name in sorted(_modeling_modules(model)):
         module = sys.modules[name]
         standard = getattr(module, "apply_rotary_pos_emb", None)
-        if standard is not None and (name, "apply_rotary_pos_emb") not in ORIGINALS:
-            ORIGINALS[(name, "apply_rotary_pos_emb")] = standard
+        if standard is not None and not hasattr(standard, "_vlm_replaces"):
 
             def rotary(q, k, cos, sin, *args, unsqueeze_dim=1, _original=standard, **kwargs):  # noqa: ANN001
                 if args or kwargs or unsqueeze_dim != 1 or cos.dim() != 3:
                     return _original(q, k, cos, sin, *args, unsqueeze_dim=unsqueeze_dim, **kwargs)
                 return apply_rotary(q, k, cos, sin)
 
-            module.apply_rotary_pos_emb = rotary
+            rotary._vlm_replaces = standard
+            report.replace_attribute(module, "apply_rotary_pos_emb", rotary)
             report.patched["rope"] += 1
         multimodal = getattr(module, "apply_multimodal_rotary_pos_emb", None)
-        if multimodal is not None and (name, "apply_multimodal_rotary_pos_emb") not in ORIGINALS:
-            ORIGINALS[(name, "apply_multimodal_rotary_pos_emb")] = multimodal
+        if multimodal is not None and not hasattr(multimodal, "_vlm_replaces"):
 
             def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim=1, _original=multimodal):  # noqa: ANN001
                 if unsqueeze_dim != 1 or cos.dim() != 4:
                     return _original(q, k, cos, sin, mrope_section, unsqueeze_dim)
                 return apply_multimodal_rotary(q, k, cos, sin, list(mrope_section))
 
-            module.apply_multimodal_rotary_pos_emb = mrope
+            mrope._vlm_replaces = multimodal
+            report.replace_attribute(module, "apply_multimodal_rotary_pos_emb", mrope)
             report.patched["rope"] += 1
-
-
-def unpatch_rotary() -> None:
-    """Put the original functions back (tests compare patched and unpatched models in one process)."""
-    for (name, attribute), original in ORIGINALS.items():
-        setattr(sys.modules[name], attribute, original)
-    ORIGINALS.clear()

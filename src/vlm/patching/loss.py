@@ -8,14 +8,12 @@ loss shifts them. Without labels (generation, evaluation of logits) the model is
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
-from .apply import PatchReport
+from vlm.data.encoding import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+from .report import PatchReport
 
 
 def patch_fused_cross_entropy(model: nn.Module, report: PatchReport) -> None:
@@ -51,7 +49,7 @@ def patch_fused_cross_entropy(model: nn.Module, report: PatchReport) -> None:
         outputs.logits = None  # only the last position was computed: do not hand out a misleading tensor
         return outputs
 
-    top.forward = types.MethodType(forward, top)
+    report.replace_forward(top, forward)
     report.patched["cross_entropy"] += 1
 
 

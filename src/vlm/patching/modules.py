@@ -4,16 +4,11 @@ the QLoRA linear. Each checks that the module computes what the kernel computes,
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 from torch import nn
 
-from .apply import PatchReport
-
-
-def _replace_forward(module: nn.Module, forward) -> None:  # noqa: ANN001
-    module.forward = types.MethodType(forward, module)
+from .report import PatchReport
 
 
 # --------------------------------------------------------------------------- norms
@@ -32,7 +27,7 @@ def patch_rms_norms(model: nn.Module, report: PatchReport) -> None:
         def forward(self, hidden_states, eps=eps):  # noqa: ANN001
             return rms_norm(hidden_states, self.weight, eps)
 
-        _replace_forward(module, forward)
+        report.replace_forward(module, forward)
         report.patched["rms_norm"] += 1
 
 
@@ -49,7 +44,7 @@ def patch_layer_norms(model: nn.Module, report: PatchReport) -> None:
         def forward(self, hidden_states):  # noqa: ANN001
             return layer_norm(hidden_states, self.weight, self.bias, self.eps)
 
-        _replace_forward(module, forward)
+        report.replace_forward(module, forward)
         report.patched["layer_norm"] += 1
 
 
@@ -81,15 +76,9 @@ def _outputs_are_private(*modules: nn.Module) -> bool:
 def _functions_that_keep_no_output() -> tuple[type, ...]:
     """Custom autograd Functions known to save none of their outputs for backward (they save inputs only)."""
     from vlm.kernels.qlora_linear import QLoRALinearFunction
+    from vlm.quant.bnb_layers import four_bit_matmul_function
 
-    known: list[type] = [QLoRALinearFunction]
-    try:
-        from bitsandbytes.autograd._functions import MatMul4Bit
-
-        known.append(MatMul4Bit)
-    except ImportError:
-        pass
-    return tuple(known)
+    return (QLoRALinearFunction, four_bit_matmul_function())
 
 
 def _overwritable(tensor: torch.Tensor) -> bool:
@@ -137,7 +126,7 @@ def patch_gated_mlps(model: nn.Module, report: PatchReport, *, swiglu: bool, geg
                 return self.down_proj(gated(gate, up, grads_into_inputs=private))
             return self.down_proj(gated(gate, up, approximate, grads_into_inputs=private))
 
-        _replace_forward(module, forward)
+        report.replace_forward(module, forward)
         report.patched[kind.split("-")[0]] += 1
 
 
@@ -178,5 +167,5 @@ def patch_qlora_linears(model: nn.Module, report: PatchReport) -> None:
             )
             return out.to(x.dtype)
 
-        _replace_forward(module, forward)
+        report.replace_forward(module, forward)
         report.patched["lora"] += 1

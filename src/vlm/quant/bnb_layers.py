@@ -26,6 +26,13 @@ def quantized_layer_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, kinds)]
 
 
+def four_bit_matmul_function() -> type:
+    """The autograd Function of a ``Linear4bit`` forward that needs grads (it saves its inputs only)."""
+    from bitsandbytes.autograd._functions import MatMul4Bit
+
+    return MatMul4Bit
+
+
 def keep_cpu_weights_trainable(model: nn.Module) -> int:
     """Stop every 4-bit layer of ``model`` from repacking its weight for CPU inference; returns how many.
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from .policies import POLICIES, ModelParts, Policy, QuantPlan, plan
 
 METHODS = ("nf4", "fp4", "int8", "none")
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -22,7 +25,7 @@ class QuantConfig:
     method: str = "nf4"
     double_quant: bool = True
     compute_dtype: str = "bfloat16"
-    policy: str = "standard"
+    policy: Policy = Policy.STANDARD
     skip_modules: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -30,14 +33,13 @@ class QuantConfig:
             raise ValueError(f"quant.method={self.method!r} is not one of {', '.join(METHODS)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"quant.compute_dtype={self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
-        from .policies import POLICIES
-
         if self.policy not in POLICIES:
             raise ValueError(f"quant.policy={self.policy!r} is not one of {', '.join(POLICIES)}")
+        object.__setattr__(self, "policy", Policy(self.policy))
         object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
-        if self.policy == "explicit" and not self.skip_modules:
+        if self.policy is Policy.EXPLICIT and not self.skip_modules:
             raise ValueError("quant.policy=explicit needs quant.skip_modules: a list of regexes of layers to keep in 16-bit")
-        if self.policy == "dynamic" and not self.quantizes:
+        if self.calibrates and not self.quantizes:
             raise ValueError("quant.policy=dynamic chooses layers to quantize, so quant.method cannot be none")
 
     @property
@@ -47,3 +49,18 @@ class QuantConfig:
     @property
     def quantizes(self) -> bool:
         return self.method != "none"
+
+    def resolve(self, linear_names: Sequence[str], parts: ModelParts = ModelParts(), calibrated: Iterable[str] = ()) -> QuantPlan:
+        """This config's policy as exact names of ``linear_names``; ``calibrated`` is ``dynamic``'s choice.
+
+        Raises :class:`~vlm.quant.policies.PolicyError` (a ``ConfigError``) when it cannot be
+        resolved, e.g. for a ``skip_modules`` regex that matches no layer.
+        """
+        if not self.quantizes:
+            return QuantPlan.unquantized(linear_names)
+        return plan(linear_names, self.policy, parts, self.skip_modules, calibrated)
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the layers kept in 16-bit are chosen by calibration (``dynamic``)."""
+        return self.policy is Policy.DYNAMIC

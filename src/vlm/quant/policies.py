@@ -11,20 +11,44 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
+
+from torch import nn
+
+from vlm.errors import ConfigError
 
 # Always kept in 16-bit: quantizing the output head costs much accuracy for little memory.
 ALWAYS_KEPT = ("lm_head",)
 
-# Policy name → which parts it keeps in 16-bit. ``dynamic`` and ``explicit`` choose by name instead.
-PART_POLICIES: dict[str, tuple[str, ...]] = {
-    "standard": (),
-    "vision_skip": ("vision", "projector"),
-    "bridge_skip": ("vision", "projector", "cross_attention_out"),
+
+class Policy(str, Enum):
+    """Which linear layers stay in 16-bit. A ``str``, so a config value compares and serializes as itself."""
+
+    STANDARD = "standard"  # lm_head only: the standard QLoRA recipe
+    VISION_SKIP = "vision_skip"
+    BRIDGE_SKIP = "bridge_skip"
+    DYNAMIC = "dynamic"  # chosen by calibration under a memory budget
+    EXPLICIT = "explicit"  # quant.skip_modules only
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Which parts a policy keeps in 16-bit. ``dynamic`` and ``explicit`` choose by name instead.
+PART_POLICIES: dict[Policy, tuple[str, ...]] = {
+    Policy.STANDARD: (),
+    Policy.VISION_SKIP: ("vision", "projector"),
+    Policy.BRIDGE_SKIP: ("vision", "projector", "cross_attention_out"),
 }
-POLICIES = (*PART_POLICIES, "dynamic", "explicit")
+POLICIES = tuple(policy.value for policy in Policy)
 
 
-class PolicyError(ValueError):
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Full names of every ``nn.Linear`` of ``model`` (bitsandbytes' layers are ``nn.Linear`` too)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+class PolicyError(ConfigError):
     """A policy cannot be resolved against this model (e.g. a regex that matches no layer)."""
 
 
@@ -93,7 +117,7 @@ def matching(linear_names: Sequence[str], patterns: Iterable[str]) -> set[str]:
 
 def plan(
     linear_names: Sequence[str],
-    policy: str,
+    policy: Policy | str,
     parts: ModelParts = ModelParts(),
     skip_modules: Iterable[str] = (),
     calibrated: Iterable[str] = (),
@@ -105,9 +129,10 @@ def plan(
     """
     if policy not in POLICIES:
         raise PolicyError(f"unknown policy {policy!r}; one of {', '.join(POLICIES)}")
+    policy = Policy(policy)
     kept_parts = PART_POLICIES.get(policy, ())
     keep = matching(linear_names, skip_modules)
-    keep |= set(calibrated) if policy == "dynamic" else set()
+    keep |= set(calibrated) if policy is Policy.DYNAMIC else set()
     unknown = keep - set(linear_names)
     if unknown:
         raise PolicyError(f"not linear layers of this model: {sorted(unknown)[:5]}")

@@ -12,7 +12,7 @@ from typing import Any
 from .fidelity import Fidelity
 from .formats import weight_bytes
 from .memory import GIB, WeightMemory, human_bytes
-from .policies import ModelParts, QuantPlan, always_kept
+from .policies import ModelParts, Policy, QuantPlan, always_kept
 from .sensitivity import LayerError
 
 PART_COLOURS = {
@@ -29,7 +29,7 @@ class QuantReport:
     model: str
     method: str
     double_quant: bool
-    policy: str
+    policy: Policy
     plan: QuantPlan
     parts: ModelParts
     memory: WeightMemory
@@ -48,9 +48,9 @@ class QuantReport:
             return "no quantization"
         if always_kept(name):
             return "always kept"
-        if self.policy == "dynamic":
+        if self.policy == Policy.DYNAMIC:
             return "calibrated"
-        if self.policy == "explicit":
+        if self.policy == Policy.EXPLICIT:
             return "explicit"
         return f"{self.policy}: {self.parts.part_of(name)}"
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
-import numbers
 import os
 import sys
 import tempfile
@@ -19,13 +17,13 @@ import lightning
 import torch
 
 from vlm.quant.bnb_layers import quantized_layer_names
+from vlm.training.plain import plain
 
 __all__ = [
     "ThroughputMonitor",
     "RunSummary",
     "count_parameters",
     "peak_memory_bytes",
-    "json_safe",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,44 +64,9 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` as strict-JSON-ready python: NaN/inf -> None, tensors -> numbers, paths -> str."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            value = OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, torch.Tensor):
-        value = value.item() if value.numel() == 1 else value.tolist()
-        return json_safe(value)
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return json_safe(dataclasses.asdict(value))
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        try:
-            return json_safe(value.item())
-        except Exception:  # noqa: BLE001
-            pass
-    return str(value)
-
-
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(json_safe(payload), indent=2, allow_nan=False)
+    text = json.dumps(plain(payload), indent=2, allow_nan=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -128,12 +91,6 @@ def _to_float(value: Any) -> float | None:
 def _is_fitting(trainer: lightning.Trainer) -> bool:
     fn = getattr(trainer.state, "fn", None)
     return getattr(fn, "value", fn) == "fit"
-
-
-def _logger_step(trainer: lightning.Trainer) -> int:
-    # The step Lightning itself logs training metrics at (so rows line up with train/loss).
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
 
 
 # --------------------------------------------------------------------------- throughput
@@ -203,7 +160,9 @@ class ThroughputMonitor(lightning.Callback):
             return int(ids.numel()), samples
         return 0, samples
 
-    def _flush(self, trainer: lightning.Trainer, log_metrics: bool = True) -> None:
+    def _flush(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule | None = None) -> None:
+        """Close the window; with ``pl_module``, log its metrics (Lightning puts them at its own step,
+        beside ``train/loss``)."""
         if self._win_steps == 0:
             return
         tokens = self._win_tokens
@@ -231,15 +190,13 @@ class ThroughputMonitor(lightning.Callback):
             metrics[f"{self.prefix}peak_memory_bytes"] = float(peak)
         self.last_metrics = metrics
         self._reset_window()
-        if log_metrics and trainer.loggers:
-            step = _logger_step(trainer)
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        if pl_module is not None:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def summary(self, trainer: lightning.Trainer | None = None) -> dict[str, Any]:
         """Totals of the training so far (flushes a pending window first)."""
         if trainer is not None:
-            self._flush(trainer, log_metrics=False)
+            self._flush(trainer)
         t = self.train_time_s
         return {
             "tokens_per_s": self.total_tokens / t if t > 0 else None,
@@ -278,7 +235,7 @@ class ThroughputMonitor(lightning.Callback):
         self._win_samples += samples
         self._win_steps += 1
         if self._win_steps >= self._interval(trainer):
-            self._flush(trainer)
+            self._flush(trainer, pl_module)
 
     def on_validation_start(self, trainer, pl_module) -> None:  # noqa: ANN001
         if _is_fitting(trainer) and not trainer.sanity_checking and self._t_mark is not None:
@@ -290,7 +247,7 @@ class ThroughputMonitor(lightning.Callback):
             self._t_mark = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
-        self._flush(trainer)
+        self._flush(trainer)  # counted in the totals; Lightning takes no more logs once training ended
         self._t_mark = None
 
 
@@ -301,7 +258,8 @@ class RunSummary(lightning.Callback):
     ``output_dir/adapter_dirname`` gets ``model.save_pretrained(..., safe_serialization=True)``
     of the LightningModule's ``model`` (the PEFT model). ``output_dir/metrics.json`` gets the
     losses, throughput (from a :class:`ThroughputMonitor` in the same Trainer, if any), timing,
-    parameter counts and ``extra``, with ``"status": "completed"``; on an exception it gets
+    parameter counts, the data module's skip counts and ``facts`` (how the run was built, e.g.
+    :meth:`vlm.build.run.RunFacts.as_dict`), with ``"status": "completed"``; on an exception it gets
     ``"status": "failed"`` and ``"error"`` instead (the adapter is then not saved).
 
     ``initial_val_loss`` is the first validation result seen (run ``trainer.validate(module,
@@ -314,13 +272,14 @@ class RunSummary(lightning.Callback):
         self,
         output_dir: str | Path,
         adapter_dirname: str = "adapter",
-        extra: dict[str, Any] | None = None,
+        facts: Mapping[str, Any] | None = None,
         filename: str = "metrics.json",
         val_metric: str = "val/loss",
     ) -> None:
         self.output_dir = Path(output_dir)
         self.adapter_dirname = adapter_dirname
-        self.extra = dict(extra or {})
+        self.facts = dict(facts or {})
+        self.written: dict[str, Any] | None = None  # what metrics.json holds, once written
         self.filename = filename
         self.val_metric = val_metric
         self._t0: float | None = None
@@ -344,7 +303,7 @@ class RunSummary(lightning.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "first_train_loss": _to_float(self._first_loss),
-            "val_history": json_safe(self._val_history),
+            "val_history": plain(self._val_history),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -413,71 +372,43 @@ class RunSummary(lightning.Callback):
         return None
 
     def collect(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> dict[str, Any]:
-        """The metrics dict (without ``status``); every entry is computed defensively."""
+        """The metrics dict (without ``status``)."""
         vals = [h.get("value") for h in self._val_history]
         initial = vals[0] if vals else None
         final = vals[-1] if vals else None
         reduction = 1.0 - final / initial if initial not in (None, 0.0) and final is not None else None
-        metrics: dict[str, Any] = {
+        monitor = self._monitor(trainer)
+        perf = monitor.summary(trainer) if monitor is not None else {}
+        model = getattr(pl_module, "model", pl_module)
+        trainable, total = count_parameters(model)
+        skipped = getattr(trainer.datamodule, "skipped", None)  # counted by the data module as batches arrive
+        return {
             "first_train_loss": _to_float(self._first_loss),
             "last_train_loss": _to_float(self._last_loss),
             "initial_val_loss": initial,
             "final_val_loss": final,
             "val_loss_reduction": reduction,
             "val_loss_history": self._val_history,
+            "tokens_per_s": perf.get("tokens_per_s"),
+            "samples_per_s": perf.get("samples_per_s"),
+            "mean_step_time_s": perf.get("mean_step_time_s"),
+            "total_tokens": perf.get("total_tokens"),
+            "total_samples": perf.get("total_samples"),
+            "peak_memory_bytes": perf.get("peak_memory_bytes") or peak_memory_bytes(pl_module.device),
+            "wall_time_s": time.perf_counter() - self._t0 if self._t0 is not None else None,
+            "train_time_s": perf.get("train_time_s") if monitor is not None else self._train_time_fallback,
+            "steps": int(trainer.global_step),
+            "epochs": int(trainer.current_epoch),
+            "world_size": int(trainer.world_size),
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_fraction": trainable / total if total else None,
+            "quantized_linear_layers": len(quantized_layer_names(model)),
+            "final_lr": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None,
+            "adapter_dir": str(self._adapter_dir) if self._adapter_dir is not None else None,
+            **({"skipped_samples": dict(skipped)} if skipped is not None else {}),
+            **self.facts,
         }
-        monitor = self._monitor(trainer)
-        perf: dict[str, Any] = {}
-        if monitor is not None:
-            try:
-                perf = monitor.summary(trainer)
-            except Exception:  # noqa: BLE001
-                log.exception("RunSummary: throughput summary failed")
-        metrics.update(
-            {
-                "tokens_per_s": perf.get("tokens_per_s"),
-                "samples_per_s": perf.get("samples_per_s"),
-                "mean_step_time_s": perf.get("mean_step_time_s"),
-                "total_tokens": perf.get("total_tokens"),
-                "total_samples": perf.get("total_samples"),
-            }
-        )
-        try:
-            peak = perf.get("peak_memory_bytes") or peak_memory_bytes(pl_module.device)
-        except Exception:  # noqa: BLE001
-            peak = None
-        train_time = perf.get("train_time_s") if monitor is not None else self._train_time_fallback
-        metrics.update(
-            {
-                "peak_memory_bytes": peak,
-                "wall_time_s": time.perf_counter() - self._t0 if self._t0 is not None else None,
-                "train_time_s": train_time,
-                "steps": int(trainer.global_step),
-                "epochs": int(trainer.current_epoch),
-                "world_size": int(trainer.world_size),
-            }
-        )
-        try:
-            model = getattr(pl_module, "model", pl_module)
-            trainable, total = count_parameters(model)
-            metrics.update(
-                {
-                    "trainable_params": trainable,
-                    "total_params": total,
-                    "trainable_fraction": trainable / total if total else None,
-                    "quantized_linear_layers": len(quantized_layer_names(model)),
-                }
-            )
-        except Exception:  # noqa: BLE001
-            log.exception("RunSummary: parameter counting failed")
-        try:
-            if trainer.optimizers:
-                metrics["final_lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
-        except Exception:  # noqa: BLE001
-            pass
-        metrics["adapter_dir"] = str(self._adapter_dir) if self._adapter_dir is not None else None
-        metrics.update(self.extra)
-        return metrics
 
     def _write(
         self,
@@ -486,9 +417,9 @@ class RunSummary(lightning.Callback):
         status: str,
         error: BaseException | None = None,
     ) -> Path:
-        payload: dict[str, Any] = {"status": status, **self.collect(trainer, pl_module)}
-        payload["status"] = status  # `extra` must not override these
+        payload: dict[str, Any] = {**self.collect(trainer, pl_module), "status": status}  # facts never override it
         if error is not None:
             payload["error"] = f"{type(error).__name__}: {error}"
         _write_json_atomic(self.metrics_path, payload)
+        self.written = plain(payload)
         return self.metrics_path

@@ -15,13 +15,13 @@ from hydra.utils import get_object
 from torch.nn import Parameter
 from torch.optim import Optimizer
 
+from vlm.data.encoding import IGNORE_INDEX
 from vlm.training.optim import LRScheduleConfig, cosine_with_warmup
+from vlm.training.plain import plain, qualified_name
 
-__all__ = ["VisionLanguageFineTuner", "IGNORE_INDEX", "supervised_token_count"]
+__all__ = ["VisionLanguageFineTuner", "supervised_token_count"]
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 OptimizerFactory = Callable[[Iterable[Parameter]], Optimizer]
 
@@ -32,54 +32,22 @@ def supervised_token_count(labels: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- hparams helpers
-def _plain(value: Any) -> Any:
-    """Turn ``value`` into YAML/JSON/``torch.load(weights_only=True)``-safe primitives."""
-    try:  # OmegaConf containers (from Hydra) -> python containers
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            value = OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, torch.dtype):
-        return str(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if callable(value):
-        return _qualname(value)
-    return repr(value)
-
-
-def _qualname(obj: Any) -> str:
-    module = getattr(obj, "__module__", None) or ""
-    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__qualname__
-    return f"{module}.{name}" if module else name
-
-
 def _describe_optimizer(factory: Any) -> Any:
     """A Hydra-style description (``_target_`` + ``_partial_`` + kwargs) of an optimizer factory."""
     if isinstance(factory, functools.partial):
-        desc: dict[str, Any] = {"_target_": _qualname(factory.func), "_partial_": True}
+        desc: dict[str, Any] = {"_target_": qualified_name(factory.func), "_partial_": True}
         if factory.args:
-            desc["_args_"] = _plain(list(factory.args))
-        desc.update({k: _plain(v) for k, v in (factory.keywords or {}).items()})
+            desc["_args_"] = plain(list(factory.args))
+        desc.update({k: plain(v) for k, v in (factory.keywords or {}).items()})
         return desc
     if isinstance(factory, Mapping):
-        return _plain(factory)
-    return {"_target_": _qualname(factory), "_partial_": True}
+        return plain(factory)
+    return {"_target_": qualified_name(factory), "_partial_": True}
 
 
 def _optimizer_from_description(desc: Mapping[str, Any]) -> OptimizerFactory:
     """Rebuild a factory from :func:`_describe_optimizer` output (e.g. in ``load_from_checkpoint``)."""
-    desc = _plain(desc)
+    desc = plain(desc)
     if "_target_" not in desc:
         raise TypeError(f"optimizer mapping needs a '_target_' key, got keys {sorted(desc)}")
     func = get_object(desc["_target_"])
@@ -129,7 +97,7 @@ class VisionLanguageFineTuner(lightning.LightningModule):
         self.save_hyperparameters(
             {
                 "optimizer": _describe_optimizer(optimizer),
-                "scheduler": _plain(self.scheduler_config),
+                "scheduler": plain(self.scheduler_config),
             }
         )
         # Checkpoints hold only trainable weights, so loading them must not demand the rest.
@@ -244,30 +212,32 @@ class VisionLanguageFineTuner(lightning.LightningModule):
         """State-dict keys (of this LightningModule) of the parameters that train."""
         return [name for name, p in self.named_parameters() if p.requires_grad]
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict")
-        if state is None:
-            return
-        keep = self.trainable_state_keys()
-        missing = [k for k in keep if k not in state]
+    def _trainable_state(self, state: dict[str, Any], missing_message: Callable[[list[str], int], str]) -> dict[str, Any]:
+        """The entries of ``state`` that are trainable parameters; ``KeyError`` when some are missing."""
+        expected = self.trainable_state_keys()
+        missing = [k for k in expected if k not in state]
         if missing:
-            raise KeyError(f"trainable parameters missing from the state dict: {missing[:5]}")
+            raise KeyError(missing_message(missing, len(expected)))
+        return {k: state[k] for k in expected}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" not in checkpoint:
+            return
         # Only LoRA (trainable) weights: the 4-bit base comes from the pretrained model.
-        checkpoint["state_dict"] = {k: state[k] for k in keep}
+        checkpoint["state_dict"] = self._trainable_state(
+            checkpoint["state_dict"], lambda missing, _: f"trainable parameters missing from the state dict: {missing[:5]}"
+        )
         checkpoint["vlm_trainable_only"] = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
         if state is None:
             return
-        expected = self.trainable_state_keys()
-        missing = [k for k in expected if k not in state]
-        if missing:
-            raise KeyError(
-                f"the checkpoint lacks {len(missing)} of the {len(expected)} trainable parameters "
-                f"(e.g. {missing[:3]}); was it written for a model with the same LoRA config?"
-            )
-        dropped = len(state) - len(expected)
-        if dropped:
-            log.info("ignoring %d non-trainable entries of the checkpoint's state_dict", dropped)
-        checkpoint["state_dict"] = {k: state[k] for k in expected}
+        trainable = self._trainable_state(
+            state,
+            lambda missing, expected: f"the checkpoint lacks {len(missing)} of the {expected} trainable parameters "
+            f"(e.g. {missing[:3]}); was it written for a model with the same LoRA config?",
+        )
+        if len(state) > len(trainable):
+            log.info("ignoring %d non-trainable entries of the checkpoint's state_dict", len(state) - len(trainable))
+        checkpoint["state_dict"] = trainable

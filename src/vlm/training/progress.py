@@ -89,17 +89,17 @@ class StepProgressBar(ProgressBar):
         self._next_line_step = trainer.global_step + max(1, self._total // 10)
         if not console.is_terminal:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich import progress as bars
 
-        self._progress = Progress(
-            TextColumn("{task.description:<10}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("steps"),
-            TimeElapsedColumn(),
-            TextColumn("<"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"),
+        self._progress = bars.Progress(
+            bars.TextColumn("{task.description:<10}"),
+            bars.BarColumn(),
+            bars.MofNCompleteColumn(),
+            bars.TextColumn("steps"),
+            bars.TimeElapsedColumn(),
+            bars.TextColumn("<"),
+            bars.TimeRemainingColumn(),
+            bars.TextColumn("{task.fields[status]}"),
             console=console,
         )
         self._progress.start()

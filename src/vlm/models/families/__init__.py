@@ -12,7 +12,7 @@ FAMILIES: dict[str, type[ModelFamily]] = {
 }
 
 
-def get_family(model_type: str, tiny: TinySize | None = None) -> ModelFamily:
+def get_family(model_type: str) -> ModelFamily:
     """The family adapter for a ``model_type``; raises ``ValueError`` listing the known ones."""
     try:
         cls = FAMILIES[model_type]
@@ -20,7 +20,7 @@ def get_family(model_type: str, tiny: TinySize | None = None) -> ModelFamily:
         raise ValueError(
             f"model.family={model_type!r} is not a supported family; known: {', '.join(sorted(FAMILIES))}"
         ) from None
-    return cls(tiny=tiny or TinySize())
+    return cls()
 
 
 __all__ = ["FAMILIES", "ModelFamily", "TinySize", "get_family"]

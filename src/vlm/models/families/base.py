@@ -6,7 +6,6 @@ project asks the family instead of branching on model names.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -61,8 +60,10 @@ class ModelFamily:
     batch_major_image_keys: ClassVar[frozenset[str]] = frozenset()
     # Batch-major masks over an image's tiles, whose padded image slots keep one tile open.
     tile_mask_keys: ClassVar[frozenset[str]] = frozenset()
-    # True where the processor's video part may be left out (it needs torchvision; we train on images).
-    video_optional: ClassVar[bool] = False
+    # Where the checkpoint's processor class insists on parts images do not need (Qwen's video
+    # processor, which needs torchvision): the class to build instead, from the image processor
+    # and the tokenizer alone. None: the checkpoint's own processor class loads as it is.
+    image_only_processor: ClassVar[type | None] = None
     # Special tokens the tiny tokenizer needs: (bos, eos, pad) and the rest.
     tiny_bos: ClassVar[str | None] = None
     tiny_eos: ClassVar[str]
@@ -88,9 +89,6 @@ class ModelFamily:
         return ModelParts(
             vision=(self.vision_tower,), projector=(self.projector,), cross_attention_out=self.cross_attention_out
         )
-
-    def is_lora_target(self, name: str) -> bool:
-        return re.fullmatch(self.lora_targets, name) is not None
 
     # ---- tiny variant --------------------------------------------------------------------------
     def tiny_special_tokens(self) -> list[str]:

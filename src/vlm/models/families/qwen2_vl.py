@@ -32,11 +32,7 @@ Qwen2_5_VLProcessor = image_only(transformers.Qwen2_5_VLProcessor, __name__)
 class Qwen2VL(ModelFamily):
     model_type = "qwen2_vl"
     # Qwen's video processor needs torchvision; training on images only needs the image processor.
-    video_optional = True
-
-    @property
-    def image_only_processor_class(self) -> type:
-        return Qwen2VLProcessor
+    image_only_processor = Qwen2VLProcessor
     model_class_name = "Qwen2VLForConditionalGeneration"
     processor_class_name = "Qwen2VLProcessor"
     image_token = "<|image_pad|>"
@@ -91,7 +87,7 @@ class Qwen2VL(ModelFamily):
     def tiny_processor(self, tokenizer: Any) -> Any:
         unit = self.patch_size * self.merge_size
         side = 2 * unit  # 56 px: a 4x4 patch grid, 4 image tokens after merging
-        return self.image_only_processor_class(
+        return self.image_only_processor(
             image_processor=image_processor(
                 "Qwen2VL",
                 min_pixels=unit * unit,
@@ -111,10 +107,7 @@ class Qwen25VL(Qwen2VL):
     model_type = "qwen2_5_vl"
     model_class_name = "Qwen2_5_VLForConditionalGeneration"
     processor_class_name = "Qwen2_5_VLProcessor"
-
-    @property
-    def image_only_processor_class(self) -> type:
-        return Qwen2_5_VLProcessor
+    image_only_processor = Qwen2_5_VLProcessor
 
     def tiny_vision_config(self) -> dict[str, Any]:
         size = self.tiny
@@ -140,6 +133,6 @@ class Qwen25VL(Qwen2VL):
 
     def tiny_processor(self, tokenizer: Any) -> Any:
         processor = super().tiny_processor(tokenizer)
-        return self.image_only_processor_class(
+        return self.image_only_processor(
             image_processor=processor.image_processor, tokenizer=tokenizer, chat_template=self.tiny_chat_template
         )

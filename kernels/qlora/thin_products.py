@@ -15,7 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import multiprocessors, rank_dot_constants, sum_partials
+from .._device import multiprocessors
+from .._partial_sums import sum_partials
+from .._settings import require_at_least, require_power_of_two
+from ._rank_dot import rank_dot_constants
 
 
 def thin_products_reference(
@@ -30,22 +33,30 @@ def thin_products_reference(
 
 @dataclass(frozen=True)
 class ThinTiling:
-    """Programs own a ``block_n``-wide column strip of ``big`` and a group of its rows, walked ``block_m`` rows at
-    a time; about ``programs_per_sm`` programs per SM (off the GPU, as if it had 4). On an H100, for both products
-    at 8192 tokens x 14336 features and r 16, this setting was the fastest of 29 alone and of 4 inside the QLoRA
-    layer's backward, where dequantization runs beside it."""
+    """How ``thin_products`` splits ``big`` over programs, and up to which rank it is used at all. On an H100, for
+    both products at 8192 tokens x 14336 features and r 16, the default tile was the fastest of 29 alone and of 4
+    inside the QLoRA layer's backward, where dequantization runs beside it."""
 
+    # Rows of ``big`` a program reads per step of its row group (a power of two, >= 16 for tl.dot).
     block_m: int = 32
+    # Width of the column strip a program owns (a power of two, >= 16 for tl.dot).
     block_n: int = 512
     num_warps: int = 4
+    # Programs per SM (off the GPU, as if it had 4): row groups are cut until the strips x groups reach it.
     programs_per_sm: int = 3
     num_stages: int = 3
+    # The fp32 partial sums grow with the rank (strips x rows x r); past this they cost more than the read of
+    # ``big`` they save, and cuBLAS is used instead.
+    max_rank: int = 32
+
+    def __post_init__(self) -> None:
+        require_power_of_two(self, "block_m", "block_n", at_least=16)
+        require_power_of_two(self, "num_warps")
+        require_at_least(self, 1, "programs_per_sm", "num_stages")
+        require_at_least(self, 0, "max_rank")
 
 
-THIN_TILING = ThinTiling()
-# The fp32 partial sums grow with the rank (strips x rows x r); past this they cost more than the read of
-# ``big`` they save, and cuBLAS is used instead.
-THIN_MAX_RANK = 32
+DEFAULT_THIN_TILING = ThinTiling()
 
 
 @triton.jit
@@ -93,13 +104,13 @@ def _thin_products_kernel(
 
 def thin_products(
     big: torch.Tensor, right: torch.Tensor | None, left: torch.Tensor | None, right_scale: float = 1.0,
-    tiling: ThinTiling | None = None,
+    tiling: ThinTiling = DEFAULT_THIN_TILING,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(right_scale * big @ right, big.T @ left)`` in ``big``'s dtype, None where that operand is None.
 
     ``big`` [m, n] and ``left`` [m, r] have unit column stride (``left`` contiguous); ``right`` [n, r] may be
     any strided view (such as ``A.t()``). Sums are fp32, each result rounded once. Ranks above
-    ``THIN_MAX_RANK`` use cuBLAS.
+    ``tiling.max_rank`` use cuBLAS.
     """
     if right is None and left is None:
         raise ValueError("thin_products needs right, left or both")
@@ -107,9 +118,8 @@ def thin_products(
     rank = (right if right is not None else left).shape[1]
     if big.stride(1) != 1 or (left is not None and not left.is_contiguous()):
         raise ValueError("big needs unit column stride and left must be contiguous")
-    if rank > THIN_MAX_RANK or n_rows == 0 or n_cols == 0:
+    if rank > tiling.max_rank or n_rows == 0 or n_cols == 0:
         return thin_products_reference(big, right, left, right_scale)
-    tiling = tiling or THIN_TILING
     strips = triton.cdiv(n_cols, tiling.block_n)
     target = tiling.programs_per_sm * (multiprocessors(big) if big.is_cuda else 4)
     row_groups = max(1, min(triton.cdiv(target, strips), triton.cdiv(n_rows, tiling.block_m)))

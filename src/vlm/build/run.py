@@ -1,0 +1,102 @@
+"""A training run's parts, typed: what it was asked to do (:class:`RunPlan`), the facts of how it
+was built that ``metrics.json`` records (:class:`RunFacts`), and the objects ``Trainer.fit`` takes
+(:class:`RunParts`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: importing them (PEFT, bitsandbytes) is left to the steps that use them
+    import lightning
+
+    from vlm.models.families import ModelFamily
+    from vlm.models.lora import LoraSettings
+    from vlm.models.spec import ModelSpec
+    from vlm.patching import KernelSettings
+    from vlm.quant.calibrate import CalibrationSettings
+    from vlm.quant.config import QuantConfig
+    from vlm.sweeps.jobs import JobIdentity
+
+    from .model import BuiltModel
+    from .planning import Planning
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a training run is asked to do, validated before anything loads."""
+
+    spec: ModelSpec
+    family: ModelFamily
+    quant: QuantConfig
+    lora: LoraSettings
+    kernels: KernelSettings
+    calibration: CalibrationSettings
+    identity: JobIdentity
+    output_dir: Path
+    seed: int
+    max_seq_length: int
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """How a run was built, as ``metrics.json`` records it beside what training measured."""
+
+    family: str
+    checkpoint: str
+    quant_policy: str
+    quant_method: str
+    kept_in_16bit: tuple[str, ...]
+    weight_bytes: int
+    quant_fidelity: dict[str, dict[str, float | int]]
+    lora_r: int
+    kernels: dict[str, int]  # kernel → places it was patched into
+    max_seq_length: int
+    identity: JobIdentity
+
+    @classmethod
+    def of(cls, plan: RunPlan, checkpoint: str, planning: Planning, built: BuiltModel) -> RunFacts:
+        fidelity = dict(planning.report.fidelity)
+        if built.loaded_fidelity is not None:
+            fidelity["loaded"] = built.loaded_fidelity
+        return cls(
+            family=plan.family.model_type,
+            checkpoint=checkpoint,
+            quant_policy=str(plan.quant.policy),
+            quant_method=plan.quant.method,
+            kept_in_16bit=planning.plan.kept,
+            weight_bytes=built.stored_bytes,
+            quant_fidelity={label: score.as_dict() for label, score in fidelity.items()},
+            lora_r=plan.lora.r,
+            kernels=dict(built.patches.patched),
+            max_seq_length=plan.max_seq_length,
+            identity=plan.identity,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "checkpoint": self.checkpoint,
+            "quant_policy": self.quant_policy,
+            "quant_method": self.quant_method,
+            "kept_in_16bit": list(self.kept_in_16bit),
+            "weight_bytes": self.weight_bytes,
+            "quant_fidelity": self.quant_fidelity,
+            "lora_r": self.lora_r,
+            "kernels": self.kernels,
+            "max_seq_length": self.max_seq_length,
+            **self.identity.as_dict(),
+        }
+
+
+@dataclass
+class RunParts:
+    """What ``Trainer.fit`` is handed, and the planning whose report the run publishes."""
+
+    module: lightning.LightningModule
+    datamodule: lightning.LightningDataModule
+    callbacks: list[lightning.Callback]
+    loggers: list[Any]
+    planning: Planning
+    summary: Any | None = None  # the callback among ``callbacks`` that writes metrics.json
