@@ -1,4 +1,5 @@
-"""How a model is built for training, in fixed steps: load → verify → LoRA → kernels → checkpointing.
+"""How a model is built for training, in fixed steps: load → verify → LoRA → frozen parts → kernels →
+checkpointing.
 
 Each step takes the model, returns it, and says in one line what it did. Every step after loading
 can be switched off (:class:`BuildSteps`), for an ablation or to inspect the model between steps.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from vlm.models import loading
@@ -43,6 +45,7 @@ class BuildSteps:
 
     verify: bool = True
     lora: bool = True
+    frozen_parts_forward_only: bool = True
     kernels: bool = True
     checkpointing: bool = True
 
@@ -78,6 +81,8 @@ def build_model(recipe: ModelRecipe, planning: Planning, steps: BuildSteps = Bui
         built.model = apply_lora(built.model, recipe.family, recipe.lora)
         trainable = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
         built.reports.append(StepReport("lora", f"r {recipe.lora.r}, {trainable:,} trainable parameters"))
+    if steps.frozen_parts_forward_only:
+        built.reports.append(run_frozen_parts_forward_only(built.model, recipe.family))
     if steps.kernels:
         built.patches = apply_kernels(built.model, recipe.kernels)
         built.reports.append(StepReport("kernels", built.patches.summary()))
@@ -85,6 +90,44 @@ def build_model(recipe: ModelRecipe, planning: Planning, steps: BuildSteps = Bui
         enable_gradient_checkpointing(built.model)
         built.reports.append(StepReport("checkpointing", "activations recomputed in backward"))
     return built
+
+
+def run_frozen_parts_forward_only(model: nn.Module, family: ModelFamily) -> StepReport:
+    """The vision tower and projector run without autograd where neither holds a trainable weight.
+
+    Their output then carries no graph: the backward pass stops at the boundary instead of running
+    through a tower that has nothing to learn, and nothing of it is saved or recomputed. (Hugging
+    Face makes the embeddings' outputs require grad for checkpointing, which otherwise pulls the
+    whole tower into the backward.) A part with LoRA weights of its own is left as it is.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parts = [name for name in (family.vision_tower, family.projector) if _has_submodule(base, name)]
+    trainable = [name for name in parts if any(p.requires_grad for p in base.get_submodule(name).parameters())]
+    if trainable:
+        return StepReport("frozen parts", f"left in the backward: {', '.join(trainable)} hold trainable weights")
+    # The projector may sit inside the tower (Qwen's merger): wrapping the outermost is enough.
+    outermost = [n for n in parts if not any(n != other and n.startswith(other + ".") for other in parts)]
+    for name in outermost:
+        _forward_without_autograd(base.get_submodule(name))
+    return StepReport("frozen parts", f"{', '.join(outermost)} run forward only")
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _forward_without_autograd(module: nn.Module) -> None:
+    forward = module.forward
+
+    def without_autograd(*args, **kwargs):  # noqa: ANN002, ANN003
+        with torch.no_grad():
+            return forward(*args, **kwargs)
+
+    module.forward = without_autograd
 
 
 def load(recipe: ModelRecipe, planning: Planning) -> tuple[nn.Module, StepReport]:

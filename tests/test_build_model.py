@@ -1,0 +1,73 @@
+"""The model's build steps: the frozen vision tower and projector run forward only, which changes
+no loss and no LoRA gradient, and keeps the backward pass out of them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_models import one_image_conversation
+
+from vlm.build.model import BuildSteps, ModelRecipe, build_model
+from vlm.build.planning import plan_checkpoint
+from vlm.models.families import get_family
+from vlm.models.loading import load_processor
+from vlm.models.lora import LoraSettings
+from vlm.quant.calibrate import CalibrationSettings
+from vlm.quant.config import QuantConfig
+
+QUANT = QuantConfig(compute_dtype="float32")  # fp32: the two builds may differ by rounding order only
+
+
+def built(model_type: str, path: str, lora: LoraSettings = LoraSettings(r=4, alpha=8), **steps):
+    family = get_family(model_type)
+    planning = plan_checkpoint(path, family, QUANT, CalibrationSettings(measure=False))
+    torch.manual_seed(0)
+    result = build_model(ModelRecipe(path, family, QUANT, lora), planning, BuildSteps(**steps))
+    with torch.no_grad():  # fresh LoRA B is zero: nonzero, so that A's gradient says something
+        for name, parameter in result.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return result
+
+
+def loss_and_grads(model, batch):
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("model_type", ["llava", "mllama", "qwen2_vl"])
+def test_a_frozen_vision_tower_runs_forward_only_and_changes_no_gradient(model_type, tiny_checkpoint, one_cpu_thread):
+    path = tiny_checkpoint(model_type)
+    family = get_family(model_type)
+    batch = one_image_conversation(load_processor(path, family))
+
+    reference = built(model_type, path, frozen_parts_forward_only=False)
+    faster = built(model_type, path)
+    assert "run forward only" in faster.summary()
+
+    outputs, backward_calls = [], {"reference": [], "faster": []}
+    for label, build in (("reference", reference), ("faster", faster)):
+        tower = build.model.get_base_model().get_submodule(family.vision_tower)
+        first_layer = next(m for m in tower.modules() if isinstance(m, torch.nn.Linear))
+        first_layer.register_full_backward_hook(lambda *args, label=label: backward_calls[label].append(1))
+    tower.register_forward_hook(lambda module, args, output: outputs.append(output))
+
+    expected_loss, expected_grads = loss_and_grads(reference.model, batch)
+    loss, grads = loss_and_grads(faster.model, batch)
+
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    leaves = [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+    assert leaves and not any(t.requires_grad for t in leaves)
+    assert backward_calls == {"reference": [1], "faster": []}  # the stock build runs the tower's backward
+
+
+def test_a_vision_tower_with_lora_weights_of_its_own_stays_in_the_backward(tiny_checkpoint):
+    path = tiny_checkpoint("qwen2_vl")
+    lora = LoraSettings(r=4, target_modules=r"model\.visual\.blocks\.\d+\.attn\.qkv|.*q_proj")
+    result = built("qwen2_vl", path, lora=lora)
+    assert "left in the backward: model.visual" in result.summary()
