@@ -47,9 +47,9 @@ INVALID = [
     ({"id": "corrupt", "image": "corrupt.jpg", "conversations": [human("<image>"), gpt("x")]}, "unreadable image"),
     (
         {"id": "bad-role", "image": "red.png", "conversations": [{"from": "robot", "value": "x"}, gpt("y")]},
-        "bad conversation",
+        "unknown role",
     ),
-    ({"id": "no-answer", "conversations": [human("anyone?")]}, "bad conversation"),
+    ({"id": "no-answer", "conversations": [human("anyone?")]}, "no assistant turn"),
     (
         {"id": "mismatch", "image": "red.png", "conversations": [human("<image><image>"), gpt("x")]},
         "placeholder mismatch",
@@ -78,7 +78,8 @@ def write_input(path: Path, items: list, jsonl: bool) -> Path:
 EXPECTED_SKIPS = {
     "missing image file": 1,
     "unreadable image": 1,
-    "bad conversation": 2,
+    "unknown role": 1,
+    "no assistant turn": 1,
     "placeholder mismatch": 1,
     "bad record": 1,
 }

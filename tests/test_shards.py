@@ -14,8 +14,11 @@ from vlm.data.records import (
     IMAGE_PLACEHOLDER,
     REASON_BAD_CONVERSATION,
     REASON_BAD_JSON,
+    REASON_EMPTY_CONVERSATION,
     REASON_MISSING_IMAGE,
+    REASON_NO_ASSISTANT_TURN,
     REASON_PLACEHOLDER_MISMATCH,
+    REASON_UNKNOWN_ROLE,
     REASON_UNREADABLE_IMAGE,
     RecordError,
     Sample,
@@ -75,21 +78,29 @@ def test_normalize_conversation_maps_sharegpt_and_openai_turns_to_canonical_role
 
 
 @pytest.mark.parametrize(
-    ("conversation", "message"),
+    ("conversation", "message", "reason"),
     [
-        ([], "empty"),
-        ([{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}], "unknown role 'robot'"),
-        ([{"from": "human", "value": "hi"}], "no assistant turn"),
-        ([{"from": "human", "value": ["hi"]}, {"from": "gpt", "value": "x"}], "must be a string"),
-        ([{"text": "hi"}], "neither"),
-        ("hello", "must be a list"),
+        ([], "empty", REASON_EMPTY_CONVERSATION),
+        (
+            [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}],
+            "unknown role 'robot'",
+            REASON_UNKNOWN_ROLE,
+        ),
+        ([{"from": "human", "value": "hi"}], "no assistant turn", REASON_NO_ASSISTANT_TURN),
+        (
+            [{"from": "human", "value": ["hi"]}, {"from": "gpt", "value": "x"}],
+            "must be a string",
+            REASON_BAD_CONVERSATION,
+        ),
+        ([{"text": "hi"}], "neither", REASON_BAD_CONVERSATION),
+        ("hello", "must be a list", REASON_BAD_CONVERSATION),
     ],
 )
-def test_normalize_conversation_rejects_bad_conversations_with_a_clear_message(conversation, message):
+def test_normalize_conversation_rejects_bad_conversations_with_a_clear_message(conversation, message, reason):
     with pytest.raises(RecordError, match=message) as caught:
         normalize_conversation(conversation, key="rec42")
     assert isinstance(caught.value, ValueError)
-    assert caught.value.reason == REASON_BAD_CONVERSATION
+    assert caught.value.reason == reason
     assert "rec42" in str(caught.value)
 
 
@@ -239,7 +250,8 @@ GOOD_TURNS = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "o
             ),
             REASON_PLACEHOLDER_MISMATCH,
         ),
-        (raw("bad", [{"from": "human", "value": "hi"}], {}), REASON_BAD_CONVERSATION),
+        (raw("bad", [{"from": "human", "value": "hi"}], {}), REASON_NO_ASSISTANT_TURN),
+        (raw("bad", GOOD_TURNS, {}), REASON_MISSING_IMAGE),  # a placeholder and no image entry at all
     ],
 )
 def test_decode_sample_raises_record_error_naming_the_key_and_the_reason(record, reason):

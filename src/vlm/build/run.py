@@ -51,12 +51,17 @@ class RunFacts:
     weight_bytes: int
     quant_fidelity: dict[str, dict[str, float | int]]
     lora_r: int
+    lora_alpha: int
+    lora_targets: str | list[str]
     kernels: dict[str, int]  # kernel → places it was patched into
     max_seq_length: int
     identity: JobIdentity
+    resumed_from: str | None = None  # the checkpoint this run continued
 
     @classmethod
-    def of(cls, plan: RunPlan, checkpoint: str, planning: Planning, built: BuiltModel) -> RunFacts:
+    def of(
+        cls, plan: RunPlan, checkpoint: str, planning: Planning, built: BuiltModel, resumed_from: str | None = None
+    ) -> RunFacts:
         fidelity = dict(planning.report.fidelity)
         if built.loaded_fidelity is not None:
             fidelity["loaded"] = built.loaded_fidelity
@@ -69,23 +74,36 @@ class RunFacts:
             weight_bytes=built.stored_bytes,
             quant_fidelity={label: score.as_dict() for label, score in fidelity.items()},
             lora_r=plan.lora.r,
+            lora_alpha=plan.lora.alpha,
+            lora_targets=plan.lora.target_modules if isinstance(plan.lora.target_modules, str) else list(plan.lora.target_modules),
             kernels=dict(built.patches.patched),
             max_seq_length=plan.max_seq_length,
             identity=plan.identity,
+            resumed_from=resumed_from,
         )
 
-    def as_dict(self) -> dict[str, Any]:
+    def compatibility(self) -> dict[str, Any]:
+        """What the trainable weights depend on: a checkpoint resumes only into a run where these are equal."""
         return {
             "family": self.family,
             "checkpoint": self.checkpoint,
-            "quant_policy": self.quant_policy,
             "quant_method": self.quant_method,
+            "quant_policy": self.quant_policy,
             "kept_in_16bit": list(self.kept_in_16bit),
+            "lora_r": self.lora_r,
+            "lora_alpha": self.lora_alpha,
+            "lora_targets": self.lora_targets,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """What ``metrics.json`` records: the build, its weight bytes, fidelity and kernels, and the job."""
+        return {
+            **self.compatibility(),
             "weight_bytes": self.weight_bytes,
             "quant_fidelity": self.quant_fidelity,
-            "lora_r": self.lora_r,
             "kernels": self.kernels,
             "max_seq_length": self.max_seq_length,
+            "resumed_from": self.resumed_from,
             **self.identity.as_dict(),
         }
 

@@ -119,11 +119,13 @@ def data_line(data: DictConfig, train: str, val: str | None) -> str:
     return f"data     {held}; batch {data.batch_size}, up to {data.max_seq_length} tokens"
 
 
-def print_run_header(cfg: DictConfig) -> None:
+def print_run_header(cfg: DictConfig, resuming: str | None = None) -> None:
     console = _console()
     console.print(f"[bold]vlm-train[/bold] → {cfg.paths.output_dir}")
     for line in run_header(cfg):
         console.print(f"  {line}")
+    if resuming:
+        console.print(f"  resume   from {resuming}")
 
 
 def print_data_summary(data: DictConfig, train: str, val: str | None) -> None:

@@ -9,6 +9,7 @@ built if asked) → processor → data module → quantization plan (calibrated 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +30,9 @@ from .wiring import (
     plan_for_run,
     prepare_demo_data,
     resolve_checkpoint,
+    resume_from,
     run_plan,
+    set_aside_stale_results,
     target_device,
     write_resolved_config,
 )
@@ -64,9 +67,11 @@ def fit(cfg: DictConfig, plan: RunPlan, gpu: int | None) -> dict:
     from hydra.utils import instantiate
 
     L.seed_everything(plan.seed, workers=True)
+    checkpoint = resume_from(cfg, plan.output_dir)
+    set_aside_stale_results(plan.output_dir)
     resolved = write_resolved_config(cfg, plan.output_dir)
-    console.print_run_header(cfg)
-    parts = assemble(cfg, plan, target_device(cfg.trainer, gpu))
+    console.print_run_header(cfg, resuming=checkpoint)
+    parts = assemble(cfg, plan, target_device(cfg.trainer, gpu), resumed_from=checkpoint)
     placement = {"devices": [gpu]} if gpu is not None else {}
     trainer = instantiate(cfg.trainer, callbacks=parts.callbacks, logger=parts.loggers or False, **placement)
     try:
@@ -76,9 +81,13 @@ def fit(cfg: DictConfig, plan: RunPlan, gpu: int | None) -> dict:
         offline_dirs = offline_run_dirs(parts.loggers)
         console.print_wandb_offline(offline_dirs)
         publish_quant_report(parts.planning.report, plan.output_dir, parts.loggers, top=cfg.get("report_top_layers", 15))
-        if cfg.get("validate_before_fit") and parts.datamodule.val_urls is not None:
+        validating = parts.datamodule.val_urls is not None
+        if cfg.get("validate_before_fit") and validating and checkpoint is None:  # a resumed run kept its own
             trainer.validate(parts.module, datamodule=parts.datamodule, verbose=False)
-        trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=checkpoint, weights_only=True)
+        if validating and parts.summary is not None and parts.summary.last_validated_step != trainer.global_step:
+            # The final validation loss is that of the final weights, whatever the interval.
+            trainer.validate(parts.module, datamodule=parts.datamodule, verbose=False)
     finally:
         finish_runs()
     summary = (parts.summary.written if parts.summary is not None else None) or {}
@@ -86,7 +95,7 @@ def fit(cfg: DictConfig, plan: RunPlan, gpu: int | None) -> dict:
     return summary
 
 
-def assemble(cfg: DictConfig, plan: RunPlan, device: str) -> RunParts:
+def assemble(cfg: DictConfig, plan: RunPlan, device: str, resumed_from: str | None = None) -> RunParts:
     """Data, the quantization plan, the model built in its steps, and the Lightning parts around it."""
     # Imported here, not with the module: `main` first quiets the libraries these import (PEFT
     # imports bitsandbytes, which prints a notice while being imported).
@@ -94,6 +103,7 @@ def assemble(cfg: DictConfig, plan: RunPlan, device: str) -> RunParts:
 
     from vlm.build.model import ModelRecipe, build_model
     from vlm.build.run import RunFacts, RunParts
+    from vlm.cli.checks import check_lora_targets
     from vlm.data.inventory import inventory
     from vlm.models.loading import load_processor
     from vlm.training.module import VisionLanguageFineTuner
@@ -101,6 +111,7 @@ def assemble(cfg: DictConfig, plan: RunPlan, device: str) -> RunParts:
     prepare_demo_data(cfg)
     checkpoint = resolve_checkpoint(plan.spec, plan.family, plan.seed)
     processor = load_processor(checkpoint, plan.family)
+    check_lora_targets(checkpoint, plan.family, plan.lora)
     datamodule = build_datamodule(cfg.data, processor, plan.family)
     val = inventory(datamodule.val_urls).describe() if datamodule.val_urls else None
     console.print_data_summary(cfg.data, inventory(datamodule.urls).describe(), val)
@@ -123,9 +134,14 @@ def assemble(cfg: DictConfig, plan: RunPlan, device: str) -> RunParts:
         planning.report.fidelity["loaded"] = built.loaded_fidelity
     if plan.kernels.enabled():
         log.info(built.patches.summary())
-    module = VisionLanguageFineTuner(built.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
-    facts = RunFacts.of(plan, checkpoint, planning, built)
-    callbacks, summary = build_callbacks(cfg, facts.as_dict())
+    facts = RunFacts.of(plan, checkpoint, planning, built, resumed_from)
+    module = VisionLanguageFineTuner(
+        built.model,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler),
+        build=facts.compatibility(),
+    )
+    callbacks, summary = build_callbacks(cfg, facts)
     return RunParts(module, datamodule, callbacks, loggers, planning, summary)
 
 
@@ -144,8 +160,13 @@ def run_job(cfg: DictConfig) -> float | None:
     jobs go on and the sweep report lists it. A single run exits with code 2 on an invalid config
     and re-raises anything else after recording it.
     """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         summary = train(cfg)
+    except SIGTERMException:
+        # The checkpoint is saved and metrics.json says "interrupted"; a scheduler must not read success.
+        raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as error:  # noqa: BLE001 - recorded, then re-raised or reported
         record_failure(cfg.paths.output_dir, error, _identity_or_none(cfg))
         free_accelerator_memory()

@@ -18,7 +18,8 @@ from vlm.build.planning import (
     plan_checkpoint,
     take_batches,
 )
-from vlm.build.run import RunPlan
+from vlm.build.run import RunFacts, RunPlan
+from vlm.cli.checks import check_run_config
 from vlm.errors import ConfigError
 from vlm.models.families import ModelFamily, get_family
 from vlm.quant.calibrate import CalibrationSettings
@@ -27,7 +28,7 @@ from vlm.sweeps.jobs import job_identity
 
 log = logging.getLogger("vlm")
 
-# The callback that writes metrics.json: built last, with the facts of how the run was built.
+# The callback that writes metrics.json, built with the facts of how the run was built.
 RUN_SUMMARY = "run_summary"
 
 
@@ -48,6 +49,7 @@ def instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
 
 def run_plan(cfg: DictConfig) -> RunPlan:
     """The typed settings of a training run; each validates its own keys before anything loads."""
+    check_run_config(cfg)
     spec, quant = instantiate_checked(cfg.model), instantiate_checked(cfg.quant)
     return RunPlan(
         spec=spec,
@@ -117,6 +119,67 @@ def write_resolved_config(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return resolved
 
 
+# --------------------------------------------------------------------------- resuming
+# What a checkpoint's weights depend on: another run resumes from it only where these match.
+RESUME_MATCHES = ("model", "quant", "lora")
+STALE_RESULTS = ("metrics.json", "error.txt")
+
+
+def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
+    """The checkpoint a run starts from: ``ckpt_path``, or with ``resume=auto`` the newest
+    ``checkpoints/last.ckpt`` of this run directory, else of the newest unfinished run beside it
+    with the same ``model``, ``quant`` and ``lora`` settings; ``None`` for a fresh start."""
+    resume, explicit = cfg.get("resume"), cfg.get("ckpt_path")
+    if resume is None:
+        return explicit
+    if resume != "auto":
+        raise ConfigError(f"resume={resume!r} must be auto or null (give a checkpoint itself with ckpt_path=...)")
+    if explicit:
+        raise ConfigError(f"resume=auto and ckpt_path={explicit!r} both say where to resume from: give one")
+    own = output_dir / "checkpoints" / "last.ckpt"
+    if own.is_file():
+        return str(own)
+    wanted = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in RESUME_MATCHES}
+    runs = sorted((d for d in output_dir.parent.iterdir() if d.is_dir() and d != output_dir),
+                  key=lambda d: d.stat().st_mtime, reverse=True) if output_dir.parent.is_dir() else []
+    for run in runs:
+        if (run / "checkpoints" / "last.ckpt").is_file() and not _completed(run) and _same_build(run, wanted):
+            return str(run / "checkpoints" / "last.ckpt")
+    log.info("resume=auto: no checkpoint to resume from in %s or beside it; starting from step 0", output_dir)
+    return None
+
+
+def _completed(run: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((run / "metrics.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
+def _same_build(run: Path, wanted: dict[str, Any]) -> bool:
+    try:
+        config = OmegaConf.load(run / "config.yaml")
+    except (OSError, ValueError):
+        return False
+    return all(OmegaConf.to_container(config.get(key), resolve=False) == value for key, value in wanted.items())
+
+
+def set_aside_stale_results(output_dir: Path) -> Path | None:
+    """Move an earlier job's ``metrics.json`` and ``error.txt`` out of a reused run directory (into
+    ``previous/<n>/``), so what the directory holds is this job's; returns where they went."""
+    stale = [output_dir / name for name in STALE_RESULTS if (output_dir / name).exists()]
+    if not stale:
+        return None
+    number = len(list((output_dir / "previous").glob("*"))) if (output_dir / "previous").is_dir() else 0
+    target = output_dir / "previous" / str(number)
+    target.mkdir(parents=True)
+    for path in stale:
+        path.rename(target / path.name)
+    return target
+
+
 # --------------------------------------------------------------------------- planning
 def gather_batches(
     cfg: DictConfig, calibration: CalibrationSettings, processor: Any, family: ModelFamily
@@ -125,14 +188,18 @@ def gather_batches(
     from the validation shards (or, without them, the training batches that follow)."""
     overrides = {"urls": calibration.urls} if calibration.urls else {}
     datamodule = build_datamodule(cfg.data, processor, family, **overrides)
-    calibration_batches = take_batches(datamodule.stream_dataloader(datamodule.urls), calibration.batches)
+    # Named in the DataError a stream without usable samples raises.
+    key = "calibration.urls" if calibration.urls else "data.urls"
+    calibration_batches = take_batches(datamodule.stream_dataloader(datamodule.urls, key), calibration.batches)
     if not calibration.fidelity_batches:
         return calibration_batches, []
     if datamodule.val_urls is not None:
-        heldout = take_batches(datamodule.stream_dataloader(datamodule.val_urls), calibration.fidelity_batches)
+        heldout = take_batches(
+            datamodule.stream_dataloader(datamodule.val_urls, "data.val_urls"), calibration.fidelity_batches
+        )
     else:
         heldout = take_batches(
-            datamodule.stream_dataloader(datamodule.urls), calibration.fidelity_batches, skip=calibration.batches
+            datamodule.stream_dataloader(datamodule.urls, key), calibration.fidelity_batches, skip=calibration.batches
         )
     return calibration_batches, heldout
 
@@ -164,18 +231,20 @@ def plan_for_run(
 
 
 # --------------------------------------------------------------------------- callbacks and loggers
-def build_callbacks(cfg: DictConfig, facts: dict[str, Any]) -> tuple[list[Any], Any | None]:
-    """The configured callbacks, and among them the run summary (``callbacks.run_summary``, handed
-    ``facts``; None where the config removed it). Without the progress bar where
-    ``trainer.enable_progress_bar=false``: Lightning refuses a progress bar callback then."""
+def build_callbacks(cfg: DictConfig, facts: RunFacts) -> tuple[list[Any], Any | None]:
+    """The configured callbacks, and among them the run summary (``callbacks.run_summary``; None
+    where the config removed it). Without the progress bar where ``trainer.enable_progress_bar=false``:
+    Lightning refuses a progress bar callback then."""
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks.progress import ProgressBar
 
+    handed = {RUN_SUMMARY: {"facts": facts.as_dict()}}
     callbacks, summary = [], None
     for key, node in (cfg.get("callbacks") or {}).items():
         if node is None:
             continue
-        callback = instantiate(node, facts=facts) if key == RUN_SUMMARY else instantiate(node)
+        # _convert_: what is handed in stays plain Python (a ListConfig would not load with weights_only).
+        callback = instantiate(node, _convert_="all", **handed.get(key, {}))
         summary = callback if key == RUN_SUMMARY else summary
         callbacks.append(callback)
     if cfg.trainer.get("enable_progress_bar", True) is False:

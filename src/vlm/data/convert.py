@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -40,6 +40,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from vlm.data.images import decode_rgb
 from vlm.data.records import (
     REASON_BAD_JSON,
     REASON_BAD_RECORD,
@@ -221,15 +222,14 @@ def _image_paths(record: dict[str, Any], where: str) -> list[str]:
 
 
 def load_image(path: Path, where: str) -> Image.Image:
-    """Read an image file as RGB, honouring its EXIF orientation."""
+    """Read an image file as RGB, honouring its EXIF orientation (see :func:`vlm.data.images.decode_rgb`)."""
     if not path.is_file():
         raise RecordError(f"{where}: image file {path} does not exist", REASON_MISSING_IMAGE_FILE)
     try:
-        with Image.open(path) as image:
-            image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except Exception as exc:  # PIL raises many exception types for corrupt files
+        data = path.read_bytes()
+    except OSError as exc:
         raise RecordError(f"{where}: cannot read image {path} ({exc})", REASON_UNREADABLE_IMAGE) from exc
+    return decode_rgb(data, f"{where}: image {path}")
 
 
 def read_image_file(path: Path, where: str, image_format: str | None = None) -> ImageFile:

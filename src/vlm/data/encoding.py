@@ -174,6 +174,10 @@ class ConversationEncoder:
 
     def _render(self, key: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans ``[start, end)`` of the assistant turns."""
+        if messages and messages[0]["role"] == "assistant":
+            # Its span starts where the generation prompt after no turn at all ends, which chat
+            # templates cannot render (they need at least one message).
+            raise EncodingError(f"sample {key!r}: the conversation starts with an assistant turn, before any prompt")
         full = self._template(key, messages)
         spans = []
         for i, message in enumerate(messages):

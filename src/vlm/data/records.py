@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -22,12 +22,18 @@ IMAGE_PLACEHOLDER = "<image>"
 # summaries use the same words.
 REASON_BAD_JSON = "bad json"
 REASON_BAD_RECORD = "bad record"
-REASON_BAD_CONVERSATION = "bad conversation"
+REASON_BAD_CONVERSATION = "bad conversation"  # not a list of turns, a turn without a string content
+REASON_EMPTY_CONVERSATION = "empty conversation"
+REASON_NO_ASSISTANT_TURN = "no assistant turn"  # nothing to learn from
+REASON_UNKNOWN_ROLE = "unknown role"
 REASON_PLACEHOLDER_MISMATCH = "placeholder mismatch"
-REASON_MISSING_IMAGE = "missing image"  # an image the shard's json lists is not in the shard
+REASON_MISSING_IMAGE = "missing image"  # an image the sample names or has a placeholder for is not in the shard
 REASON_MISSING_IMAGE_FILE = "missing image file"  # converter: the image path does not exist
-REASON_UNREADABLE_IMAGE = "unreadable image"
-REASON_UNREADABLE_SHARD = "unreadable shard"
+REASON_UNREADABLE_IMAGE = "unreadable image"  # corrupt, truncated, or a mode that has no RGB
+REASON_IMAGE_TOO_LARGE = "image too large"  # over PIL's decompression-bomb limit, Image.MAX_IMAGE_PIXELS
+# Shard-level reasons count once per shard and pass, not per sample.
+REASON_UNREADABLE_SHARD = "unreadable shard"  # cannot be opened, or is not a tar at all
+REASON_TRUNCATED_SHARD = "truncated shard"  # ends before its end-of-archive marker; the samples before the cut are kept
 
 ROLES = ("system", "user", "assistant")
 
@@ -43,6 +49,15 @@ _ROLE_ALIASES = {
 
 # The inverse, for writing the ShareGPT-style conversations stored in shards.
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+class DataError(ValueError):
+    """The data of a run cannot be used: a pass over its shards gave no usable sample, or too many
+    were skipped (``data.max_skip_fraction``). The message names the shards, a few skipped samples
+    with their reasons, the counts per reason and what to do.
+
+    Takes only a message, so a DataLoader worker can re-raise it in the main process unchanged.
+    """
 
 
 class RecordError(ValueError):
@@ -68,11 +83,13 @@ class Sample:
         messages: ``[{"role": "system"|"user"|"assistant", "content": str}]``; the contents
             hold exactly one :data:`IMAGE_PLACEHOLDER` per image, in order, and there is
             at least one assistant turn.
+        url: The shard the sample was read from (``None`` where it was not read from one).
     """
 
     key: str
     images: list[Image.Image]
     messages: list[dict[str, str]]
+    url: str | None = field(default=None, compare=False)  # the shard it was read from, for messages
 
     def placeholder_count(self) -> int:
         """Number of :data:`IMAGE_PLACEHOLDER` occurrences over all messages."""
@@ -109,8 +126,9 @@ def normalize_conversation(conversations: list[dict], key: str | None = None) ->
         passed through unchanged.
 
     Raises:
-        RecordError (a ``ValueError``, reason ``"bad conversation"``): not a list, empty,
-        a turn without role/content, an unknown role, non-string content, or no assistant turn.
+        RecordError (a ``ValueError``): reason ``"empty conversation"``, ``"unknown role"``, ``"no
+        assistant turn"``, or ``"bad conversation"`` (not a list, a turn without role/content, a
+        content that is not a string).
     """
     where = _where(key)
     if not isinstance(conversations, list):
@@ -119,7 +137,7 @@ def normalize_conversation(conversations: list[dict], key: str | None = None) ->
             REASON_BAD_CONVERSATION,
         )
     if not conversations:
-        raise RecordError(f"{where}conversation is empty", REASON_BAD_CONVERSATION)
+        raise RecordError(f"{where}conversation is empty", REASON_EMPTY_CONVERSATION)
     messages: list[dict[str, str]] = []
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict):
@@ -137,7 +155,7 @@ def normalize_conversation(conversations: list[dict], key: str | None = None) ->
         if canonical is None:
             raise RecordError(
                 f"{where}turn {i} has unknown role {role!r}; expected one of {sorted(_ROLE_ALIASES)}",
-                REASON_BAD_CONVERSATION,
+                REASON_UNKNOWN_ROLE,
             )
         if not isinstance(content, str):
             raise RecordError(
@@ -146,7 +164,7 @@ def normalize_conversation(conversations: list[dict], key: str | None = None) ->
             )
         messages.append({"role": canonical, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
-        raise RecordError(f"{where}conversation has no assistant turn", REASON_BAD_CONVERSATION)
+        raise RecordError(f"{where}conversation has no assistant turn", REASON_NO_ASSISTANT_TURN)
     return messages
 
 
@@ -195,23 +213,63 @@ def to_sharegpt(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{"from": _SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in messages]
 
 
-class SkipCounter:
-    """Counts skipped records per reason and warns once per reason.
+@dataclass(frozen=True)
+class SkippedSample:
+    """One skipped sample or shard, kept as an example for messages: why, and where."""
 
-    One counter belongs to one process: a DataLoader worker gets its own copy, so counts
-    made inside workers are not seen by the parent (the once-per-reason warnings are).
+    reason: str
+    detail: str
+    key: str | None = None  # None for a shard-level reason
+    url: str | None = None
+
+    def describe(self) -> str:
+        """``sample 'k' in shard.tar: reason (detail)``, shortened to one readable line."""
+        where = f"sample {self.key!r}" if self.key is not None else "shard"
+        if self.url:
+            where += f" in {self.url}" if self.key is not None else f" {self.url}"
+        detail = self._detail_without_where()
+        detail = detail if len(detail) <= _DETAIL_CHARS else detail[: _DETAIL_CHARS - 3] + "..."
+        return f"{where}: {self.reason} ({detail})"
+
+    def _detail_without_where(self) -> str:
+        # Error messages name their sample and shard themselves; said once is enough.
+        detail = self.detail
+        if self.url:
+            detail = detail.replace(f" (in {self.url})", "")
+        if self.key is not None:
+            for prefix in (f"sample {self.key!r}", f"record {self.key!r}"):
+                if detail.startswith(prefix):
+                    detail = detail[len(prefix) :].lstrip(",: ")
+        return detail or self.detail
+
+
+_DETAIL_CHARS = 300
+
+
+class SkipCounter:
+    """Counts skipped records per reason, keeps the first of each reason as an example, and warns
+    once per reason.
+
+    One counter belongs to one process: a DataLoader worker gets its own copy, so counts made
+    inside workers reach the parent only as :meth:`unreported` hands them on (the data module
+    sends them with the batches).
     """
 
     def __init__(self, logger: logging.Logger | None = None):
         self._counts: Counter[str] = Counter()
+        self._examples: dict[str, SkippedSample] = {}
+        self._reported: Counter[str] = Counter()
+        self._examples_reported = 0
         self._logger = logger or logging.getLogger(__name__)
 
-    def add(self, reason: str, detail: Any = None) -> None:
-        """Count one skip for ``reason``; the first one per reason is logged with ``detail``."""
+    def add(self, reason: str, detail: Any = None, *, key: str | None = None, url: str | None = None) -> None:
+        """Count one skip for ``reason`` of sample ``key`` in shard ``url``; the first one per reason
+        is logged with ``detail`` and kept as an example."""
         if reason not in self._counts:
             self._logger.warning(
-                "skipping bad sample (%s): %s (further '%s' skips are counted, not logged)", reason, detail, reason
+                "skipping bad data (%s): %s (further '%s' skips are counted, not logged)", reason, detail, reason
             )
+            self._examples[reason] = SkippedSample(reason, str(detail), key, url)
         self._counts[reason] += 1
 
     @property
@@ -219,9 +277,27 @@ class SkipCounter:
         """All skips, over every reason."""
         return sum(self._counts.values())
 
+    @property
+    def pending(self) -> int:
+        """Skips counted since the last :meth:`unreported`."""
+        return self.total - sum(self._reported.values())
+
     def as_dict(self) -> dict[str, int]:
         """Skips per reason, most frequent first."""
         return dict(self._counts.most_common())
+
+    @property
+    def examples(self) -> list[SkippedSample]:
+        """The first skip of each reason, in the order the reasons first came up."""
+        return list(self._examples.values())
+
+    def unreported(self) -> tuple[dict[str, int], list[SkippedSample]]:
+        """The skips per reason and the new examples since the previous call (all of them, the first time)."""
+        counts = self._counts - self._reported
+        self._reported = Counter(self._counts)
+        examples = self.examples[self._examples_reported :]
+        self._examples_reported = len(self._examples)
+        return dict(counts), examples
 
     def __repr__(self) -> str:
         return f"SkipCounter({self.as_dict()})"

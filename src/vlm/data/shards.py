@@ -21,21 +21,26 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+import tarfile
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import webdataset as wds
 from PIL import Image, ImageOps
+from webdataset.tariterators import base_plus_ext
 
+from vlm.data.images import decode_rgb, opened_image, to_rgb
 from vlm.data.records import (
     IMAGE_PLACEHOLDER,
     REASON_BAD_JSON,
     REASON_BAD_RECORD,
     REASON_MISSING_IMAGE,
     REASON_PLACEHOLDER_MISMATCH,
-    REASON_UNREADABLE_IMAGE,
+    REASON_TRUNCATED_SHARD,
+    REASON_UNREADABLE_SHARD,
     RecordError,
     Sample,
     align_placeholders,
@@ -60,13 +65,14 @@ _TAR_MTIME = 0
 
 
 def encode_image(image: Image.Image, image_format: str = "png") -> bytes:
-    """Encode a PIL image as ``png``, ``jpg``/``jpeg`` or ``webp`` bytes (converted to RGB first)."""
+    """Encode a PIL image as ``png``, ``jpg``/``jpeg`` or ``webp`` bytes, made RGB first (see
+    :func:`~vlm.data.images.to_rgb`: transparency on white, 16 bits scaled to 8)."""
     fmt = _PIL_FORMAT.get(image_format.lower())
     if fmt is None:
         raise ValueError(f"unsupported image format {image_format!r}; use one of {IMAGE_EXTENSIONS}")
     buffer = io.BytesIO()
     options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
-    image.convert("RGB").save(buffer, format=fmt, **options)
+    to_rgb(image).save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 
@@ -85,18 +91,15 @@ def image_file(data: bytes, where: str) -> ImageFile:
     The bytes are decoded in full first, so a corrupt or truncated image fails here.
 
     Raises:
-        RecordError: reason "unreadable image"; the message starts with ``where``.
+        RecordError: reason "unreadable image" or "image too large" (over PIL's decompression-bomb
+        limit); the message starts with ``where``.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            extension = _STORED_EXTENSION.get(image.format)
-            if extension is not None:
-                return ImageFile(data, extension)
-            # Orientation is applied before re-encoding, since PNG does not carry EXIF here.
-            return ImageFile(encode_image(ImageOps.exif_transpose(image), "png"), "png")
-    except Exception as exc:  # PIL raises many exception types for corrupt data
-        raise RecordError(f"{where}: cannot decode image ({exc})", REASON_UNREADABLE_IMAGE) from exc
+    with opened_image(data, where) as image:
+        extension = _STORED_EXTENSION.get(image.format)
+        if extension is not None:
+            return ImageFile(data, extension)
+        # Orientation is applied before re-encoding, since PNG does not carry EXIF here.
+        return ImageFile(encode_image(ImageOps.exif_transpose(image), "png"), "png")
 
 
 def check_key(key: str) -> None:
@@ -326,13 +329,9 @@ def image_entries(raw: dict[str, Any]) -> list[str]:
 
 def decode_image(data: bytes, where: str) -> Image.Image:
     """Decode image bytes (any format PIL reads) into an RGB PIL image, upright by its EXIF
-    orientation; :class:`RecordError` ("unreadable image") if impossible."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decode now, so a truncated file fails here and not in a collate function
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except Exception as exc:  # PIL raises many exception types for corrupt data
-        raise RecordError(f"{where}: cannot decode image ({exc})", REASON_UNREADABLE_IMAGE) from exc
+    orientation (see :func:`vlm.data.images.decode_rgb`); :class:`RecordError` ("unreadable image",
+    "image too large") if impossible."""
+    return decode_rgb(data, where)
 
 
 def decode_sample(raw: dict[str, Any]) -> Sample:
@@ -344,17 +343,22 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
 
     Returns:
         The sample, with images decoded to RGB and placeholders aligned (a record with images but
-        no placeholder gets them prepended to its first user turn).
+        no placeholder gets them prepended to its first user turn), and its ``url``.
 
     Raises:
-        RecordError: with ``reason`` "bad json", "bad conversation", "missing image",
-        "unreadable image" or "placeholder mismatch"; the message names the key and shard.
+        RecordError: with ``reason`` "bad json", one of the conversation reasons (see
+        :func:`~vlm.data.records.normalize_conversation`), "missing image" (listed but absent, or
+        placeholders and no image at all), "unreadable image", "image too large" or "placeholder
+        mismatch"; the message names the key and shard.
     """
     key = raw.get("__key__")
     url_note = f" (in {raw['__url__']})" if raw.get("__url__") else ""
     where = f"sample {key!r}{url_note}"
     if not isinstance(key, str) or not key:
         raise RecordError(f"{where}: no __key__", REASON_BAD_RECORD)
+    if raw.get("__duplicates__"):
+        # Which of two files with the same name is meant cannot be told.
+        raise RecordError(f"{where}: the shard holds {raw['__duplicates__']} twice", REASON_BAD_RECORD)
     if "json" not in raw:
         raise RecordError(f"{where}: no {key}.json entry", REASON_BAD_JSON)
     try:
@@ -383,10 +387,127 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
     else:
         raise RecordError(f"{where}: 'images' in {key}.json must be a list of extension names", REASON_BAD_JSON)
 
+    if not names and count_placeholders(messages):
+        # Placeholders and not one image entry: the image files were lost, not miscounted.
+        raise RecordError(
+            f"{where}: {count_placeholders(messages)} {IMAGE_PLACEHOLDER} placeholder(s) but no image in the shard",
+            REASON_MISSING_IMAGE,
+        )
     # Align before decoding: a mismatch is cheaper to find than a decoded image.
     try:
         messages = align_placeholders(messages, len(names), key=key)
     except RecordError as exc:
         raise RecordError(f"{exc}{url_note}", exc.reason) from exc
     images = [decode_image(raw[name], f"{where}, image {key}.{name}") for name in names]
-    return Sample(key=key, images=images, messages=messages)
+    return Sample(key=key, images=images, messages=messages, url=raw.get("__url__"))
+
+
+# ---------------------------------------------------------------------------------------------
+# reading tar members
+
+
+class ShardError(RecordError):
+    """A shard that cannot be read to its end: reason "unreadable shard" (nothing could be read:
+    not a tar, not there) or "truncated shard" (it stops before its end-of-archive marker)."""
+
+
+# Member names webdataset leaves out of samples: ``__key__``-style metadata.
+_META_NAME = re.compile(r"__[^/]*__($|/)")
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """A TarInfo that marks its TarFile once the end-of-archive marker (a zero block) is read.
+
+    tarfile ends an iteration silently both at that marker and where a cut file runs out at or
+    inside a member header, so the marker is the one way to tell a complete archive from a cut one.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:
+            tarfile_.end_marker_seen = True
+            raise
+
+
+def tar_members(stream: IO[bytes], url: str) -> Iterator[tuple[str, bytes]]:
+    """``(name, bytes)`` of each regular file in the tar (optionally compressed) ``stream``, in
+    order, without webdataset's ``__meta__`` entries.
+
+    Raises:
+        ShardError: "unreadable shard" when not even the first header reads (not a tar, an empty
+        file), "truncated shard" when the archive stops before its end-of-archive marker (the
+        members before the cut have been yielded by then). Messages name ``url``.
+    """
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo)  # noqa: SIM115 - closed below
+    except _READ_ERRORS as exc:
+        raise ShardError(f"shard {url} is not a readable tar file ({exc})", REASON_UNREADABLE_SHARD) from exc
+    tar.end_marker_seen = False
+    read = 0
+    with tar:  # closes tarfile's reader, not ``stream``
+        try:
+            for member in tar:
+                if not member.isreg() or _META_NAME.match(member.name):
+                    continue
+                data = tar.extractfile(member).read()
+                read += 1
+                yield member.name, data
+        except _READ_ERRORS as exc:
+            raise ShardError(
+                f"shard {url} stops after {read} file(s): it is truncated or corrupt ({exc})", REASON_TRUNCATED_SHARD
+            ) from exc
+    if not tar.end_marker_seen:
+        raise ShardError(
+            f"shard {url} ends after {read} file(s) without the tar end-of-archive marker: it is truncated",
+            REASON_TRUNCATED_SHARD,
+        )
+
+
+def read_samples(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+    """The raw samples of one tar shard, grouped as ``webdataset.tarfile_to_samples`` groups them:
+    ``{"__key__": "dir/KEY", "__url__": url, "json": bytes, "png": bytes, ...}``, extensions
+    lower-cased; a sample with two files of one extension also gets ``"__duplicates__"`` (their names).
+
+    Raises:
+        ShardError: see :func:`tar_members`. A truncated shard's samples before the cut have been
+        yielded by then; the sample being read at the cut is not, since it may be missing files.
+    """
+    for group in whole_sample_members(tar_members(stream, url)):
+        yield _raw_sample(group, url)
+
+
+def whole_sample_members(members: Iterable[tuple[str, bytes]]) -> Iterator[list[tuple[str, bytes]]]:
+    """The members of a tar grouped by sample key (as webdataset groups them: the name up to the
+    first dot of its file name; names without a dot are left out), each group only once the next
+    one starts or the archive ended whole.
+
+    A :class:`ShardError` from ``members`` propagates without the group being read at the time:
+    at a cut, the last sample may be missing files, so it goes with the shard's truncation.
+    """
+    group: list[tuple[str, bytes]] = []
+    group_key: str | None = None
+    for name, data in members:
+        key, _ = base_plus_ext(name)
+        if key is None:
+            continue
+        if group and key != group_key:
+            yield group
+            group = []
+        group_key = key
+        group.append((name, data))
+    if group:
+        yield group
+
+
+def _raw_sample(group: list[tuple[str, bytes]], url: str) -> dict[str, Any]:
+    raw: dict[str, Any] = {"__key__": base_plus_ext(group[0][0])[0], "__url__": url}
+    for name, data in group:
+        extension = base_plus_ext(name)[1].lower()
+        if extension in raw:
+            raw.setdefault("__duplicates__", []).append(name)
+            continue
+        raw[extension] = data
+    return raw

@@ -9,12 +9,15 @@ Shards are shuffled *before* splitting with the same seed on every rank and work
 split is a partition: in one pass every shard, and so every sample, is read by exactly one
 worker of one rank. Raw (still encoded) samples are shuffled, which keeps the buffer small,
 and decoding comes last, where a bad sample is skipped and counted instead of crashing the run.
+A shard that cannot be opened or read, or that is cut short, is counted too (once per pass),
+and the samples before a cut are kept.
 
 Splitting follows webdataset (``split_by_node`` then ``split_by_worker``): whole shards are dealt
 round-robin. With fewer shards than ``world_size * num_workers`` some workers get none; they
 log a warning and yield nothing (a DataLoader then simply reads the other workers, but under
 DDP a rank that gets no shards at all yields no batches, so write at least ``world_size *
-num_workers`` shards, ideally a multiple of it, to balance ranks). The data module starts no
+num_workers`` shards, ideally a multiple of it, to balance ranks; the data module stops such a
+rank with a :class:`~vlm.data.records.DataError` saying so). The data module starts no
 more workers than its rank has shards (:func:`shards_for_rank`), so in practice only a rank
 without any shard warns.
 """
@@ -28,13 +31,14 @@ from itertools import islice
 from typing import Any
 
 import webdataset as wds
+from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.utils import PipelineStage, pytorch_worker_info
 
 from vlm.data.records import REASON_UNREADABLE_SHARD, RecordError, Sample, SkipCounter
-from vlm.data.shards import decode_sample
+from vlm.data.shards import ShardError, decode_sample, read_samples
 
-__all__ = ["SkipCounter", "sample_stream", "shards_for_rank"]
+__all__ = ["SkipCounter", "raw_sample_stream", "sample_stream", "shards_for_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,16 @@ def shards_for_rank(n_shards: int, rank: int, world_size: int) -> int:
     return len(range(rank, n_shards, world_size))
 
 
+def logical_worker(worker: int, num_workers: int, shift: int) -> int:
+    """The worker whose share of the stream physical DataLoader worker ``worker`` reads.
+
+    A DataLoader asks its workers for batches in turn, starting with worker 0. A resumed stream
+    must go on with the worker whose turn came next, so its workers are renumbered by ``shift``:
+    physical worker 0 reads the share of worker ``shift``, and so on.
+    """
+    return (worker + shift) % num_workers if num_workers > 1 else worker
+
+
 class _ShuffleShards(PipelineStage):
     """Shuffles the shard list with ``Random(seed + pass)``.
 
@@ -59,9 +73,9 @@ class _ShuffleShards(PipelineStage):
     advances each time the pipeline restarts (``repeat=True``), so each pass has a new order.
     """
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, first_pass: int = 0):
         self.seed = seed
-        self.passes = 0
+        self.passes = first_pass
 
     def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         shards = list(src)
@@ -80,8 +94,9 @@ class _SplitShards(PipelineStage):
     launcher) a ``RANK`` variable, and would otherwise read every rank's shards.
     """
 
-    def __init__(self, by_node: bool, by_worker: bool):
+    def __init__(self, by_node: bool, by_worker: bool, worker_shift: int = 0):
         self.by_node, self.by_worker = by_node, by_worker
+        self.worker_shift = worker_shift
         self.node: tuple[int, int] | None = None  # (rank, world_size), pinned by __getstate__
 
     def __getstate__(self) -> dict[str, Any]:
@@ -101,8 +116,9 @@ class _SplitShards(PipelineStage):
         mine: Iterable[dict[str, Any]] = shards
         if self.by_node and world_size > 1:
             mine = islice(mine, rank, None, world_size)
-        if self.by_worker:
-            mine = wds.split_by_worker(mine)
+        worker = logical_worker(worker, num_workers, self.worker_shift)
+        if self.by_worker and num_workers > 1:
+            mine = islice(mine, worker, None, num_workers)
         mine = list(mine)
         if shards and not mine:
             log.warning(
@@ -124,12 +140,14 @@ class _ShuffleSamples(PipelineStage):
     mixing in rank and worker keeps workers from applying the same permutation pattern.
     """
 
-    def __init__(self, bufsize: int, seed: int):
+    def __init__(self, bufsize: int, seed: int, first_pass: int = 0, worker_shift: int = 0):
         self.bufsize, self.seed = bufsize, seed
-        self.passes = 0
+        self.passes = first_pass
+        self.worker_shift = worker_shift
 
     def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        rank, _, worker, _ = pytorch_worker_info()
+        rank, _, worker, num_workers = pytorch_worker_info()
+        worker = logical_worker(worker, num_workers, self.worker_shift)
         rng = random.Random(f"{self.seed}/{self.passes}/{rank}/{worker}")
         self.passes += 1
         return self._shuffle(iter(src), rng)
@@ -148,15 +166,42 @@ class _ShuffleSamples(PipelineStage):
         yield from buffer
 
 
-class _SkipShardErrors:
-    """webdataset exception handler: count an unreadable shard/tar entry and go on."""
+class _ReadShards(PipelineStage):
+    """Shard URLs -> raw samples (see :func:`~vlm.data.shards.read_samples`).
+
+    A shard that cannot be opened (a file gone since startup, a URL that fails) or read is counted
+    as "unreadable shard", one that stops early as "truncated shard" with the samples before the
+    cut kept; either way the stream goes on with the next shard. webdataset's own tar reader ends a
+    cut file silently, which is why this stage replaces ``webdataset.tarfile_to_samples``.
+    """
 
     def __init__(self, counter: SkipCounter):
         self.counter = counter
 
-    def __call__(self, exc: Exception) -> bool:
-        self.counter.add(REASON_UNREADABLE_SHARD, repr(exc))
-        return True  # continue with the next shard / entry
+    def run(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for shard in src:
+            yield from self._samples(shard["url"])
+
+    def _samples(self, url: str) -> Iterator[dict[str, Any]]:
+        try:
+            stream = gopen(url)  # webdataset's opener: paths, pipe:, http(s), s3 ...
+        except Exception as exc:  # noqa: BLE001 - each kind of URL fails its own way
+            self.counter.add(REASON_UNREADABLE_SHARD, f"cannot open shard {url} ({exc})", url=url)
+            return
+        try:
+            yield from read_samples(stream, url)
+        except ShardError as exc:
+            self.counter.add(exc.reason, exc, url=url)
+        finally:
+            _close(stream)
+
+
+def _close(stream: Any) -> None:
+    try:
+        stream.close()
+    except (OSError, ValueError) as exc:
+        # A pipe: command that failed closes with an error; what it did to the shard is counted already.
+        log.debug("closing a shard stream: %s", exc)
 
 
 class _DecodeSamples(PipelineStage):
@@ -170,7 +215,56 @@ class _DecodeSamples(PipelineStage):
             try:
                 yield decode_sample(raw)
             except RecordError as exc:
-                self.counter.add(exc.reason, exc)
+                self.counter.add(exc.reason, exc, key=raw.get("__key__"), url=raw.get("__url__"))
+
+
+def raw_sample_stream(
+    urls: str | list[str],
+    *,
+    shuffle_buffer: int,
+    seed: int,
+    split_by_node: bool = True,
+    split_by_worker: bool = True,
+    skip_counter: SkipCounter | None = None,
+    first_pass: int = 0,
+    worker_shift: int = 0,
+) -> wds.DataPipeline:
+    """One pass of raw, undecoded samples (``{"__key__", "__url__", "json": bytes, ...}``) from tar
+    shards; iterating it again reads the next pass (reshuffled). Arguments as :func:`sample_stream`;
+    the caller decodes (:func:`~vlm.data.shards.decode_sample`) and counts bad samples itself.
+    ``first_pass`` is the number of the first pass (its shuffles), ``worker_shift`` renumbers the
+    DataLoader workers (see :func:`logical_worker`): both for resuming a stream where it was.
+    """
+    counter = skip_counter if skip_counter is not None else SkipCounter()
+    stages = _read_stages(urls, shuffle_buffer, seed, split_by_node, split_by_worker, counter, first_pass, worker_shift)
+    return wds.DataPipeline(*stages)
+
+
+def _read_stages(
+    urls: str | list[str],
+    shuffle_buffer: int,
+    seed: int,
+    split_by_node: bool,
+    split_by_worker: bool,
+    counter: SkipCounter,
+    first_pass: int = 0,
+    worker_shift: int = 0,
+) -> list[Any]:
+    """The pipeline's stages up to (not including) decoding."""
+    if shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+    expanded = [url for pattern in ([urls] if isinstance(urls, str) else urls) for url in expand_urls(pattern)]
+    if not expanded:
+        raise ValueError(f"no shards in {urls!r}")
+    shuffling = shuffle_buffer > 0
+    stages = [
+        wds.SimpleShardList(expanded),
+        _ShuffleShards(seed, first_pass) if shuffling else None,
+        _SplitShards(split_by_node, split_by_worker, worker_shift),
+        _ReadShards(counter),
+        _ShuffleSamples(shuffle_buffer, seed, first_pass, worker_shift) if shuffling else None,
+    ]
+    return [stage for stage in stages if stage is not None]
 
 
 def sample_stream(
@@ -207,22 +301,9 @@ def sample_stream(
         A ``webdataset.DataPipeline``; wrap it in ``torch.utils.data.DataLoader`` (it yields single
         samples, so batch with a collate function or ``batch_size``).
     """
-    if shuffle_buffer < 0:
-        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-    expanded = [url for pattern in ([urls] if isinstance(urls, str) else urls) for url in expand_urls(pattern)]
-    if not expanded:
-        raise ValueError(f"no shards in {urls!r}")
     counter = skip_counter if skip_counter is not None else SkipCounter()
-    shuffling = shuffle_buffer > 0
-    stages = [
-        wds.SimpleShardList(expanded),
-        _ShuffleShards(seed) if shuffling else None,
-        _SplitShards(split_by_node, split_by_worker),
-        wds.tarfile_to_samples(handler=_SkipShardErrors(counter)),
-        _ShuffleSamples(shuffle_buffer, seed) if shuffling else None,
-        _DecodeSamples(counter),
-    ]
-    pipeline = wds.DataPipeline(*[stage for stage in stages if stage is not None])
+    stages = _read_stages(urls, shuffle_buffer, seed, split_by_node, split_by_worker, counter)
+    pipeline = wds.DataPipeline(*stages, _DecodeSamples(counter))
     if repeat:
         # DataPipeline.repeat() stops by itself if a pass yields nothing, so a worker without
         # shards (or with only bad samples) ends instead of spinning forever.

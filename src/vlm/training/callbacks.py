@@ -24,6 +24,7 @@ __all__ = [
     "RunSummary",
     "count_parameters",
     "peak_memory_bytes",
+    "reset_peak_memory",
 ]
 
 log = logging.getLogger(__name__)
@@ -31,17 +32,47 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- helpers
 def peak_memory_bytes(device: torch.device | str | None = None) -> int | None:
-    """Peak memory of this process: ``torch.cuda.max_memory_allocated`` on a CUDA device,
-    else the peak resident set size (``getrusage``), in bytes. ``None`` where unknown."""
+    """Peak memory since :func:`reset_peak_memory` (or the process start), in bytes: the CUDA
+    allocator's peak on a CUDA device, else the peak resident set size. ``None`` where unknown."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated(device))
+    peak = _resident_peak_linux()
+    if peak is not None:
+        return peak
     try:
         import resource
     except ImportError:  # Windows
         return None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss) if sys.platform == "darwin" else int(rss) * 1024  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device | str | None = None) -> None:
+    """Start counting the peak afresh: one job's peak, not the lifetime peak of a sweep's process.
+
+    On Linux the kernel's resident-set peak (``VmHWM``) is reset by writing 5 to
+    ``/proc/self/clear_refs``; elsewhere the CPU peak stays the process's lifetime peak.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _resident_peak_linux() -> int | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    return None
 
 
 def _logical_numel(p: torch.Tensor) -> int:
@@ -69,6 +100,7 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     text = json.dumps(plain(payload), indent=2, allow_nan=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; others on a cluster read results
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text + "\n")
         os.replace(tmp, path)
@@ -76,6 +108,12 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _to_float(value: Any) -> float | None:
@@ -213,8 +251,7 @@ class ThroughputMonitor(lightning.Callback):
     def on_fit_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         self._reset_totals()
         self._device = pl_module.device
-        if self._device.type == "cuda" and torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats(self._device)
+        reset_peak_memory(self._device)
 
     def on_train_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         self._device = pl_module.device
@@ -292,6 +329,11 @@ class RunSummary(lightning.Callback):
         self._adapter_dir: Path | None = None
 
     @property
+    def last_validated_step(self) -> int | None:
+        """The global step of the latest validation (a run's final loss must come from its last step)."""
+        return self._val_history[-1]["step"] if self._val_history else None
+
+    @property
     def metrics_path(self) -> Path:
         return self.output_dir / self.filename
 
@@ -356,11 +398,12 @@ class RunSummary(lightning.Callback):
         self._status = "completed"
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:  # noqa: ANN001
-        self._status = "failed"
+        # A signal (SIGTERM, SIGUSR1) ends a run as SystemExit, after its checkpoint was saved.
+        self._status = "interrupted" if isinstance(exception, SystemExit) else "failed"
         if not trainer.is_global_zero:
             return
         try:
-            self._write(trainer, pl_module, status="failed", error=exception)
+            self._write(trainer, pl_module, status=self._status, error=exception)
         except Exception:  # noqa: BLE001 - never mask the original exception
             log.exception("RunSummary: could not write %s after a failure", self.metrics_path)
 

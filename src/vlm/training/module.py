@@ -16,8 +16,10 @@ from torch.nn import Parameter
 from torch.optim import Optimizer
 
 from vlm.data.encoding import IGNORE_INDEX
+from vlm.errors import ConfigError
 from vlm.training.optim import LRScheduleConfig, cosine_with_warmup
 from vlm.training.plain import plain, qualified_name
+from vlm.training.resume import describe_differences
 
 __all__ = ["VisionLanguageFineTuner", "supervised_token_count"]
 
@@ -69,6 +71,8 @@ class VisionLanguageFineTuner(lightning.LightningModule):
         scheduler: an :class:`LRScheduleConfig` (or a mapping of its fields) for a per-step
             cosine schedule with warmup; ``total_steps=None`` means
             ``trainer.estimated_stepping_batches``. ``None``: constant lr.
+        build: what the trainable weights depend on (family, checkpoint, quantization, LoRA
+            settings); a checkpoint written for another build is refused, naming what differs.
 
     The module never casts the model; use ``precision="32-true"`` or ``"bf16-mixed"`` in the
     Trainer (``"bf16-true"``/``"16-true"`` make Lightning cast every floating-point weight,
@@ -84,6 +88,7 @@ class VisionLanguageFineTuner(lightning.LightningModule):
         model: torch.nn.Module,
         optimizer: OptimizerFactory | Mapping[str, Any],
         scheduler: LRScheduleConfig | Mapping[str, Any] | None = None,
+        build: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(optimizer, Mapping):
@@ -91,6 +96,9 @@ class VisionLanguageFineTuner(lightning.LightningModule):
         if not callable(optimizer):
             raise TypeError(f"optimizer must be a callable params -> Optimizer, got {type(optimizer).__name__}")
         self.model = model
+        # What the trainable weights depend on (vlm.build.run.RunFacts.compatibility): written into
+        # each checkpoint, and a checkpoint of another build is refused before any weight of it loads.
+        self.build = plain(dict(build or {}))
         self.optimizer_factory: OptimizerFactory = optimizer
         self.scheduler_config: LRScheduleConfig | None = LRScheduleConfig.coerce(scheduler)
         # Plain primitives only: loggers can write them and checkpoints load with weights_only=True.
@@ -228,8 +236,10 @@ class VisionLanguageFineTuner(lightning.LightningModule):
             checkpoint["state_dict"], lambda missing, _: f"trainable parameters missing from the state dict: {missing[:5]}"
         )
         checkpoint["vlm_trainable_only"] = True
+        checkpoint["vlm_build"] = self.build
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._refuse_another_build(checkpoint)
         state = checkpoint.get("state_dict")
         if state is None:
             return
@@ -240,4 +250,19 @@ class VisionLanguageFineTuner(lightning.LightningModule):
         )
         if len(state) > len(trainable):
             log.info("ignoring %d non-trainable entries of the checkpoint's state_dict", len(state) - len(trainable))
+        own = dict(self.named_parameters())
+        reshaped = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} now"
+                    for k, v in trainable.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if reshaped:
+            raise ConfigError(f"the checkpoint's LoRA weights have other shapes ({len(reshaped)}, e.g. {reshaped[0]})")
         checkpoint["state_dict"] = trainable
+
+    def _refuse_another_build(self, checkpoint: dict[str, Any]) -> None:
+        if not self.build:
+            return
+        saved = checkpoint.get("vlm_build")
+        if saved is None:
+            raise ConfigError("the checkpoint does not say what it was trained on (it was not written by vlm-train)")
+        differs = describe_differences(saved, self.build)
+        if differs:
+            raise ConfigError(f"the checkpoint was written for another build: {differs}; resume it with that config")

@@ -27,7 +27,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["LRScheduleConfig", "adamw", "cosine_with_warmup", "lr_lambda"]
+__all__ = ["AdamWSettings", "LRScheduleConfig", "adamw", "cosine_with_warmup", "lr_lambda"]
 
 
 def _is_int(value: Any) -> bool:
@@ -59,33 +59,24 @@ class LRScheduleConfig:
         w, t, m = self.warmup_steps, self.total_steps, self.min_lr_ratio
         if t is not None and not (_is_int(t) and t >= 1):
             raise ValueError(
-                f"LRScheduleConfig.total_steps must be an int >= 1 (or None to let the trainer "
-                f"decide), got {t!r}"
+                f"scheduler.total_steps={t!r} must be an int >= 1 (or null to let the trainer decide)"
             )
+        warmup_rule = "an int >= 0 (optimizer steps) or a float in [0, 1) (a fraction of scheduler.total_steps)"
         if _is_int(w):
             if w < 0:
-                raise ValueError(
-                    f"LRScheduleConfig.warmup_steps must be an int >= 0 (steps) or a float in [0, 1) "
-                    f"(fraction of total_steps), got {w!r}"
-                )
+                raise ValueError(f"scheduler.warmup_steps={w!r} must be {warmup_rule}")
             if t is not None and w > t:
                 raise ValueError(
-                    f"LRScheduleConfig.warmup_steps ({w}) must be <= total_steps ({t}); use a float "
+                    f"scheduler.warmup_steps={w!r} must be <= scheduler.total_steps ({t}); use a float "
                     f"in [0, 1) for a fraction of total_steps"
                 )
         elif _is_real(w):
             if not (0.0 <= float(w) < 1.0):
-                raise ValueError(
-                    f"LRScheduleConfig.warmup_steps must be an int >= 0 (steps) or a float in [0, 1) "
-                    f"(fraction of total_steps), got {w!r}"
-                )
+                raise ValueError(f"scheduler.warmup_steps={w!r} must be {warmup_rule}")
         else:
-            raise ValueError(
-                f"LRScheduleConfig.warmup_steps must be an int >= 0 (steps) or a float in [0, 1) "
-                f"(fraction of total_steps), got {w!r} of type {type(w).__name__}"
-            )
+            raise ValueError(f"scheduler.warmup_steps={w!r} must be {warmup_rule}")
         if not (_is_real(m) and 0.0 <= float(m) <= 1.0):
-            raise ValueError(f"LRScheduleConfig.min_lr_ratio must be a float in [0, 1], got {m!r}")
+            raise ValueError(f"scheduler.min_lr_ratio={m!r} must be a float in [0, 1]")
 
     @classmethod
     def coerce(cls, value: LRScheduleConfig | Mapping[str, Any] | None) -> LRScheduleConfig | None:
@@ -149,6 +140,60 @@ def _flatten_params(params: Iterable[Any]) -> tuple[list[Any], list[torch.Tensor
     return items, tensors
 
 
+@dataclass(frozen=True)
+class AdamWSettings:
+    """The values of the ``optimizer`` config group for :func:`adamw`, checked where they enter.
+
+    The config builds :func:`adamw` as a partial (``_partial_: true``) that the LightningModule
+    calls only at fit time, after the weights load; ``vlm.cli.checks`` builds these settings from
+    the same values when it reads the config, so a bad value stops the run before anything loads.
+
+    Attributes:
+        lr: the peak learning rate, a float > 0.
+        weight_decay: decoupled weight decay, a float >= 0.
+        betas: two floats in [0, 1).
+        eps: a float > 0.
+        paged_8bit: ``True``, ``False`` or ``"auto"`` (the strings ``"true"``/``"false"`` too).
+    """
+
+    lr: float
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    paged_8bit: bool | str = "auto"
+
+    def __post_init__(self) -> None:
+        lr, wd, eps = self.lr, self.weight_decay, self.eps
+        if not (_is_real(lr) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"optimizer.lr={lr!r} must be a number > 0")
+        if not (_is_real(wd) and math.isfinite(wd) and wd >= 0):
+            raise ValueError(f"optimizer.weight_decay={wd!r} must be a number >= 0")
+        if not (_is_real(eps) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"optimizer.eps={eps!r} must be a number > 0")
+        betas = self.betas
+        valid = (
+            isinstance(betas, Sequence)
+            and not isinstance(betas, str)
+            and len(betas) == 2
+            and all(_is_real(b) and 0.0 <= float(b) < 1.0 for b in betas)
+        )
+        if not valid:
+            shown = list(betas) if isinstance(betas, Sequence) and not isinstance(betas, str) else betas
+            raise ValueError(f"optimizer.betas={shown!r} must be two floats in [0, 1), e.g. [0.9, 0.999]")
+        # Also turns an OmegaConf ListConfig into a tuple.
+        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
+        object.__setattr__(self, "paged_8bit", _paged_8bit(self.paged_8bit))
+
+
+def _paged_8bit(value: Any) -> bool | str:
+    if isinstance(value, bool):
+        return value
+    mapping = {"auto": "auto", "true": True, "false": False}
+    if isinstance(value, str) and value.strip().lower() in mapping:
+        return mapping[value.strip().lower()]
+    raise ValueError(f"optimizer.paged_8bit={value!r} must be true, false or 'auto'")
+
+
 def adamw(
     params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]],
     lr: float,
@@ -157,46 +202,35 @@ def adamw(
     eps: float = 1e-8,
     paged_8bit: bool | str = "auto",
 ) -> Optimizer:
-    """AdamW over ``params``.
+    """AdamW over ``params``; the other arguments are checked as :class:`AdamWSettings`.
 
     ``paged_8bit``: ``"auto"`` uses ``bitsandbytes.optim.PagedAdamW8bit`` when every parameter
     lives on CUDA and ``torch.optim.AdamW`` otherwise; ``True`` forces the paged 8-bit
     optimizer (it needs CUDA and raises ``ValueError`` otherwise); ``False`` always uses
     ``torch.optim.AdamW``.
     """
-    if isinstance(paged_8bit, str):
-        key = paged_8bit.strip().lower()
-        mapping = {"auto": "auto", "true": True, "false": False}
-        if key not in mapping:
-            raise ValueError(f"adamw: paged_8bit must be True, False or 'auto', got {paged_8bit!r}")
-        paged_8bit = mapping[key]
-    elif not isinstance(paged_8bit, bool):
-        raise ValueError(f"adamw: paged_8bit must be True, False or 'auto', got {paged_8bit!r}")
-    if not (_is_real(lr) and float(lr) >= 0.0):
-        raise ValueError(f"adamw: lr must be a float >= 0, got {lr!r}")
-    if not (_is_real(weight_decay) and float(weight_decay) >= 0.0):
-        raise ValueError(f"adamw: weight_decay must be a float >= 0, got {weight_decay!r}")
-    betas_t = tuple(float(b) for b in betas)  # also turns an OmegaConf ListConfig into a tuple
-    if len(betas_t) != 2 or not all(0.0 <= b < 1.0 for b in betas_t):
-        raise ValueError(f"adamw: betas must be two floats in [0, 1), got {betas!r}")
-
+    settings = AdamWSettings(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, paged_8bit=paged_8bit)
     items, tensors = _flatten_params(params)
     if not tensors:
         raise ValueError("adamw: got no parameters to optimize (is any parameter requires_grad=True?)")
     all_cuda = all(t.device.type == "cuda" for t in tensors)
 
-    if paged_8bit is True and not all_cuda:
+    if settings.paged_8bit is True and not all_cuda:
         devices = sorted({str(t.device) for t in tensors})
         raise ValueError(
             "adamw: paged_8bit=True needs every parameter on a CUDA device (bitsandbytes' paged 8-bit "
             f"optimizer pages its state through CUDA unified memory), but parameters are on {devices}. "
             "Use paged_8bit='auto' or False to fall back to torch.optim.AdamW."
         )
-    use_paged = all_cuda if paged_8bit == "auto" else bool(paged_8bit)
+    use_paged = all_cuda if settings.paged_8bit == "auto" else bool(settings.paged_8bit)
+    kwargs = {
+        "lr": float(settings.lr),
+        "betas": settings.betas,
+        "eps": float(settings.eps),
+        "weight_decay": float(settings.weight_decay),
+    }
     if use_paged:
         import bitsandbytes as bnb
 
-        return bnb.optim.PagedAdamW8bit(
-            items, lr=float(lr), betas=betas_t, eps=float(eps), weight_decay=float(weight_decay)
-        )
-    return torch.optim.AdamW(items, lr=float(lr), betas=betas_t, eps=float(eps), weight_decay=float(weight_decay))
+        return bnb.optim.PagedAdamW8bit(items, **kwargs)
+    return torch.optim.AdamW(items, **kwargs)
