@@ -34,8 +34,8 @@ def skip_metrics(skipped: Mapping[str, int]) -> dict[str, float]:
 
 
 class SkipReport(L.Callback):
-    """Logs the data module's skip counts (logger ``vlm.data``: INFO, WARNING once anything was
-    skipped) at the end of every training epoch and validation run, and logs them as metrics
+    """Logs the data module's skip counts (logger ``vlm.data``: WARNING once anything was skipped,
+    else DEBUG) at the end of every training epoch and validation run, and logs them as metrics
     ``data/skipped/<reason>`` (counts since the run started). Does nothing for a data module
     without ``skipped``."""
 
@@ -51,7 +51,8 @@ class SkipReport(L.Callback):
         skipped = getattr(data, "skipped", None)
         if skipped is None:
             return
-        level = logging.WARNING if sum(skipped.values()) else logging.INFO
+        # Only what was skipped is news: a clean report would add a line to every validation.
+        level = logging.WARNING if sum(skipped.values()) else logging.DEBUG
         log.log(level, "after %s, %s", after, skip_summary(skipped, getattr(data, "delivered", 0)))
         metrics = skip_metrics(skipped)
         if metrics:
