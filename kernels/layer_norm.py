@@ -6,21 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _row_tiling as tiles
 from ._partial_sums import sum_partials
-from ._row_tiling import (
-    DEFAULT_ROW_TILING,
-    RowTiling,
-    as_rows,
-    backward_launch,
-    backward_row_tile,
-    forward_launch,
-    load_row_tile,
-    load_row_vector,
-    row_block,
-    row_columns,
-    store_column_partial,
-    store_row_tile,
-)
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -33,17 +20,17 @@ def _layer_norm_forward_kernel(
     X, W, B, Y, MEAN, RSTD, n_rows, n_cols, x_row_stride, y_row_stride, eps,
     BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    cols, col_ok = row_columns(n_cols, BLOCK)
-    rows, row_ok, mask = row_block(tl.program_id(0) * ROWS, n_rows, col_ok, ROWS)
+    cols, col_ok = tiles.row_columns(n_cols, BLOCK)
+    rows, row_ok, mask = tiles.row_block(tl.program_id(0) * ROWS, n_rows, col_ok, ROWS)
 
-    x = load_row_tile(X, rows, x_row_stride, cols, mask)
+    x = tiles.load_row_tile(X, rows, x_row_stride, cols, mask)
     mean = tl.sum(x, axis=1) / n_cols
     # Two-pass variance (the row is in registers): no cancellation for rows with a large mean.
     centered = tl.where(mask, x - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / n_cols + eps)
-    w = load_row_vector(W, cols, col_ok)
-    b = load_row_vector(B, cols, col_ok)
-    store_row_tile(Y, rows, y_row_stride, cols, mask, centered * rstd[:, None] * w[None, :] + b[None, :])
+    w = tiles.load_row_vector(W, cols, col_ok)
+    b = tiles.load_row_vector(B, cols, col_ok)
+    tiles.store_row_tile(Y, rows, y_row_stride, cols, mask, centered * rstd[:, None] * w[None, :] + b[None, :])
     tl.store(MEAN + rows, mean, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
@@ -54,12 +41,12 @@ def _layer_norm_backward_kernel(
     BLOCK: tl.constexpr, ROWS: tl.constexpr, COMPUTE_DW_DB: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    cols, col_ok = row_columns(n_cols, BLOCK)
-    w = load_row_vector(W, cols, col_ok)
+    cols, col_ok = tiles.row_columns(n_cols, BLOCK)
+    w = tiles.load_row_vector(W, cols, col_ok)
     dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     db = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     for first_row in range(pid * ROWS, n_rows, tl.num_programs(0) * ROWS):
-        rows, row_ok, mask, x, dy = backward_row_tile(
+        rows, row_ok, mask, x, dy = tiles.backward_row_tile(
             X, DY, first_row, n_rows, x_row_stride, dy_row_stride, cols, col_ok, ROWS
         )
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
@@ -72,20 +59,20 @@ def _layer_norm_backward_kernel(
         g_mean = tl.sum(g, axis=1) / n_cols
         projection = tl.sum(g * x_hat, axis=1) / n_cols
         dx = rstd[:, None] * (g - g_mean[:, None] - x_hat * projection[:, None])
-        store_row_tile(DX, rows, dx_row_stride, cols, mask, dx)
+        tiles.store_row_tile(DX, rows, dx_row_stride, cols, mask, dx)
     if COMPUTE_DW_DB:
-        store_column_partial(DW_PARTIAL, pid, n_cols, cols, col_ok, dw)
-        store_column_partial(DB_PARTIAL, pid, n_cols, cols, col_ok, db)
+        tiles.store_column_partial(DW_PARTIAL, pid, n_cols, cols, col_ok, dw)
+        tiles.store_column_partial(DB_PARTIAL, pid, n_cols, cols, col_ok, db)
 
 
 def _layer_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, tiling: RowTiling
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, tiling: tiles.RowTiling
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_rows, n_cols = x.shape
     y = torch.empty_like(x)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    grid, launch = forward_launch(x, tiling)
+    grid, launch = tiles.forward_launch(x, tiling)
     _layer_norm_forward_kernel[grid](
         x, weight, bias, y, mean, rstd, n_rows, n_cols, x.stride(0), y.stride(0), eps, **launch
     )
@@ -94,10 +81,10 @@ def _layer_norm_forward(
 
 def _layer_norm_backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias_dtype: torch.dtype,
-    mean: torch.Tensor, rstd: torch.Tensor, compute_dw_db: bool, tiling: RowTiling,
+    mean: torch.Tensor, rstd: torch.Tensor, compute_dw_db: bool, tiling: tiles.RowTiling,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     n_rows, n_cols = x.shape
-    grid, launch = backward_launch(x, compute_dw_db, tiling)
+    grid, launch = tiles.backward_launch(x, compute_dw_db, tiling)
     dx = torch.empty_like(x)
     # fp32 partial sums per program, reduced once below: no bf16 atomics.
     partials = torch.empty((2, grid[0], n_cols), dtype=torch.float32, device=x.device) if compute_dw_db else None
@@ -116,9 +103,9 @@ def _layer_norm_backward(
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, tiling: RowTiling
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, tiling: tiles.RowTiling
     ) -> torch.Tensor:
-        x_rows = as_rows(x, x.shape[-1])
+        x_rows = tiles.as_rows(x, x.shape[-1])
         y, mean, rstd = _layer_norm_forward(x_rows, weight.contiguous(), bias.contiguous(), eps, tiling)
         ctx.save_for_backward(x_rows, weight, mean, rstd)
         ctx.x_shape, ctx.bias_dtype, ctx.tiling = x.shape, bias.dtype, tiling
@@ -129,14 +116,14 @@ class LayerNormFunction(torch.autograd.Function):
         x_rows, weight, mean, rstd = ctx.saved_tensors
         compute_dw_db = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         dx, dw, db = _layer_norm_backward(
-            as_rows(dy, x_rows.shape[1]), x_rows, weight.contiguous(), ctx.bias_dtype, mean, rstd, compute_dw_db,
+            tiles.as_rows(dy, x_rows.shape[1]), x_rows, weight.contiguous(), ctx.bias_dtype, mean, rstd, compute_dw_db,
             ctx.tiling,
         )
         return dx.view(ctx.x_shape), dw, db, None, None
 
 
 def layer_norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *, tiling: RowTiling = DEFAULT_ROW_TILING
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *, tiling: tiles.RowTiling = tiles.DEFAULT_ROW_TILING
 ) -> torch.Tensor:
     """LayerNorm over the last dimension of ``x`` (any leading shape), with the semantics of ``layer_norm_reference``;
     ``tiling`` chooses how rows are split over programs (not the result)."""

@@ -5,22 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _row_tiling as tiles
 from ._partial_sums import sum_partials
 from ._rounding import round_to_nearest
-from ._row_tiling import (
-    DEFAULT_ROW_TILING,
-    RowTiling,
-    as_rows,
-    backward_launch,
-    backward_row_tile,
-    forward_launch,
-    load_row_tile,
-    load_row_vector,
-    row_block,
-    row_columns,
-    store_column_partial,
-    store_row_tile,
-)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -35,15 +22,15 @@ def _rms_norm_forward_kernel(
     X, W, Y, RSTD, n_rows, n_cols, x_row_stride, y_row_stride, eps,
     BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    cols, col_ok = row_columns(n_cols, BLOCK)
-    rows, row_ok, mask = row_block(tl.program_id(0) * ROWS, n_rows, col_ok, ROWS)
+    cols, col_ok = tiles.row_columns(n_cols, BLOCK)
+    rows, row_ok, mask = tiles.row_block(tl.program_id(0) * ROWS, n_rows, col_ok, ROWS)
 
-    x = load_row_tile(X, rows, x_row_stride, cols, mask)
+    x = tiles.load_row_tile(X, rows, x_row_stride, cols, mask)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     # HF rounds the normalized row to x's dtype before the weight multiplies it.
     normed = round_to_nearest(x * rstd[:, None], X.dtype.element_ty)
-    w = load_row_vector(W, cols, col_ok)
-    store_row_tile(Y, rows, y_row_stride, cols, mask, w[None, :] * normed)
+    w = tiles.load_row_vector(W, cols, col_ok)
+    tiles.store_row_tile(Y, rows, y_row_stride, cols, mask, w[None, :] * normed)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
@@ -53,11 +40,11 @@ def _rms_norm_backward_kernel(
     BLOCK: tl.constexpr, ROWS: tl.constexpr, COMPUTE_DW: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    cols, col_ok = row_columns(n_cols, BLOCK)
-    w = load_row_vector(W, cols, col_ok)
+    cols, col_ok = tiles.row_columns(n_cols, BLOCK)
+    w = tiles.load_row_vector(W, cols, col_ok)
     dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     for first_row in range(pid * ROWS, n_rows, tl.num_programs(0) * ROWS):
-        rows, row_ok, mask, x, dy = backward_row_tile(
+        rows, row_ok, mask, x, dy = tiles.backward_row_tile(
             X, DY, first_row, n_rows, x_row_stride, dy_row_stride, cols, col_ok, ROWS
         )
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
@@ -66,27 +53,27 @@ def _rms_norm_backward_kernel(
             dw += dy * x_hat
         g = dy * w[None, :]
         projection = tl.sum(g * x_hat, axis=1) / n_cols
-        store_row_tile(DX, rows, dx_row_stride, cols, mask, rstd[:, None] * (g - x_hat * projection[:, None]))
+        tiles.store_row_tile(DX, rows, dx_row_stride, cols, mask, rstd[:, None] * (g - x_hat * projection[:, None]))
     if COMPUTE_DW:
-        store_column_partial(DW_PARTIAL, pid, n_cols, cols, col_ok, dw)
+        tiles.store_column_partial(DW_PARTIAL, pid, n_cols, cols, col_ok, dw)
 
 
 def _rms_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, tiling: RowTiling
+    x: torch.Tensor, weight: torch.Tensor, eps: float, tiling: tiles.RowTiling
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, n_cols = x.shape
     y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    grid, launch = forward_launch(x, tiling)
+    grid, launch = tiles.forward_launch(x, tiling)
     _rms_norm_forward_kernel[grid](x, weight, y, rstd, n_rows, n_cols, x.stride(0), y.stride(0), eps, **launch)
     return y, rstd
 
 
 def _rms_norm_backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, compute_dw: bool, tiling: RowTiling
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, compute_dw: bool, tiling: tiles.RowTiling
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     n_rows, n_cols = x.shape
-    grid, launch = backward_launch(x, compute_dw, tiling)
+    grid, launch = tiles.backward_launch(x, compute_dw, tiling)
     dx = torch.empty_like(x)
     # fp32 partial sums per program, reduced once below: exact-order, no bf16 atomics.
     dw_partial = torch.empty((grid[0], n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
@@ -100,8 +87,8 @@ def _rms_norm_backward(
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, tiling: RowTiling) -> torch.Tensor:
-        x_rows = as_rows(x, x.shape[-1])
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, tiling: tiles.RowTiling) -> torch.Tensor:
+        x_rows = tiles.as_rows(x, x.shape[-1])
         y, rstd = _rms_norm_forward(x_rows, weight.contiguous(), eps, tiling)
         ctx.save_for_backward(x_rows, weight, rstd)
         ctx.x_shape, ctx.tiling = x.shape, tiling
@@ -111,13 +98,13 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x_rows, weight, rstd = ctx.saved_tensors
         dx, dw = _rms_norm_backward(
-            as_rows(dy, x_rows.shape[1]), x_rows, weight.contiguous(), rstd, ctx.needs_input_grad[1], ctx.tiling
+            tiles.as_rows(dy, x_rows.shape[1]), x_rows, weight.contiguous(), rstd, ctx.needs_input_grad[1], ctx.tiling
         )
         return dx.view(ctx.x_shape), dw, None, None
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, *, tiling: RowTiling = DEFAULT_ROW_TILING
+    x: torch.Tensor, weight: torch.Tensor, eps: float, *, tiling: tiles.RowTiling = tiles.DEFAULT_ROW_TILING
 ) -> torch.Tensor:
     """RMSNorm over the last dimension of ``x`` (any leading shape), with the semantics of ``rms_norm_reference``;
     ``tiling`` chooses how rows are split over programs (not the result)."""

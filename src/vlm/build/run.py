@@ -39,6 +39,15 @@ class RunPlan:
     max_seq_length: int
 
 
+# RunFacts fields that say what the trainable weights depend on, and those that describe the run.
+BUILD_FIELDS = ("family", "checkpoint", "quant_method", "quant_policy", "kept_in_16bit", "lora_r", "lora_alpha", "lora_targets")
+RUN_FIELDS = ("weight_bytes", "quant_fidelity", "kernels", "max_seq_length", "resumed_from")
+
+
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 @dataclass(frozen=True)
 class RunFacts:
     """How a run was built, as ``metrics.json`` records it beside what training measured."""
@@ -84,28 +93,12 @@ class RunFacts:
 
     def compatibility(self) -> dict[str, Any]:
         """What the trainable weights depend on: a checkpoint resumes only into a run where these are equal."""
-        return {
-            "family": self.family,
-            "checkpoint": self.checkpoint,
-            "quant_method": self.quant_method,
-            "quant_policy": self.quant_policy,
-            "kept_in_16bit": list(self.kept_in_16bit),
-            "lora_r": self.lora_r,
-            "lora_alpha": self.lora_alpha,
-            "lora_targets": self.lora_targets,
-        }
+        return {name: _listed(getattr(self, name)) for name in BUILD_FIELDS}
 
     def as_dict(self) -> dict[str, Any]:
         """What ``metrics.json`` records: the build, its weight bytes, fidelity and kernels, and the job."""
-        return {
-            **self.compatibility(),
-            "weight_bytes": self.weight_bytes,
-            "quant_fidelity": self.quant_fidelity,
-            "kernels": self.kernels,
-            "max_seq_length": self.max_seq_length,
-            "resumed_from": self.resumed_from,
-            **self.identity.as_dict(),
-        }
+        measured = {name: getattr(self, name) for name in RUN_FIELDS}
+        return {**self.compatibility(), **measured, **self.identity.as_dict()}
 
 
 @dataclass

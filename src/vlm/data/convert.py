@@ -221,15 +221,19 @@ def _image_paths(record: dict[str, Any], where: str) -> list[str]:
     raise RecordError(f"{where}: 'image' must be a path or a list of paths, got {value!r}", REASON_BAD_RECORD)
 
 
-def load_image(path: Path, where: str) -> Image.Image:
-    """Read an image file as RGB, honouring its EXIF orientation (see :func:`vlm.data.images.decode_rgb`)."""
+def _image_bytes(path: Path, where: str) -> bytes:
+    """The bytes of an image file; ``RecordError`` "missing image file" or "unreadable image"."""
     if not path.is_file():
         raise RecordError(f"{where}: image file {path} does not exist", REASON_MISSING_IMAGE_FILE)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise RecordError(f"{where}: cannot read image {path} ({exc})", REASON_UNREADABLE_IMAGE) from exc
-    return decode_rgb(data, f"{where}: image {path}")
+
+
+def load_image(path: Path, where: str) -> Image.Image:
+    """Read an image file as RGB, honouring its EXIF orientation (see :func:`vlm.data.images.decode_rgb`)."""
+    return decode_rgb(_image_bytes(path, where), f"{where}: image {path}")
 
 
 def read_image_file(path: Path, where: str, image_format: str | None = None) -> ImageFile:
@@ -244,13 +248,7 @@ def read_image_file(path: Path, where: str, image_format: str | None = None) -> 
     """
     if image_format is not None:
         return ImageFile(encode_image(load_image(path, where), image_format), image_format.lower())
-    if not path.is_file():
-        raise RecordError(f"{where}: image file {path} does not exist", REASON_MISSING_IMAGE_FILE)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RecordError(f"{where}: cannot read image {path} ({exc})", REASON_UNREADABLE_IMAGE) from exc
-    return image_file(data, f"{where}: image {path}")
+    return image_file(_image_bytes(path, where), f"{where}: image {path}")
 
 
 def record_to_entry(record: Any, images_dir: str | Path, key: str, image_format: str | None = None) -> dict[str, Any]:
