@@ -201,3 +201,27 @@ def test_plain_data_is_strict_json() -> None:
         "nested": [1, [2.0, None]],
         "1": "key",
     }
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resetting the resident-set peak needs Linux")
+def test_peak_memory_is_counted_per_job_not_over_the_whole_process() -> None:
+    from vlm.training.callbacks import peak_memory_bytes, reset_peak_memory
+
+    big = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched
+    with_big = peak_memory_bytes()
+    del big
+    reset_peak_memory()
+    assert peak_memory_bytes() < with_big - 32 * 2**20
+
+
+def test_metrics_json_is_readable_by_others_under_the_users_umask(make_qlora_model, tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        trainer = make_trainer(tmp_path, [RunSummary(out)], max_steps=1)
+        trainer.fit(make_module(make_qlora_model()), train_dataloaders=loader([make_batch(0)]))
+    finally:
+        os.umask(old)
+    assert (out / "metrics.json").stat().st_mode & 0o777 == 0o644
