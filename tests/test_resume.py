@@ -127,3 +127,29 @@ def test_a_checkpoint_of_another_build_is_refused_saying_what_differs(uninterrup
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "another build" in done.stderr and "lora_r: 16 in the checkpoint, 8 now" in done.stderr
+
+
+def test_resume_auto_picks_the_newest_unfinished_run_beside_it_with_the_same_recipe_only(tmp_path):
+    from composing import compose_small
+    from omegaconf import OmegaConf
+
+    from vlm.cli.wiring import resume_from
+
+    def earlier_run(name: str, *overrides: str, status: str | None = None) -> Path:
+        cfg = compose_small("train", tmp_path / "runs", *overrides, run=name)
+        run = Path(cfg.paths.output_dir)
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+        (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
+        if status:
+            (run / "metrics.json").write_text(json.dumps({"status": status}))
+        time.sleep(0.01)  # distinct modification times: newest last
+        return run
+
+    same = earlier_run("a")
+    earlier_run("b", "optimizer.lr=1e-3")  # another recipe: a sibling job of a sweep over lr
+    earlier_run("c", status="completed")  # finished: nothing to resume
+    this = compose_small("train", tmp_path / "runs", "resume=auto", run="new")
+    assert resume_from(this, Path(this.paths.output_dir)) == str(same / "checkpoints" / "last.ckpt")
+    fresh = compose_small("train", tmp_path / "runs", "resume=auto", "lora.r=4", run="new")
+    assert resume_from(fresh, Path(fresh.paths.output_dir)) is None

@@ -120,15 +120,17 @@ def write_resolved_config(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- resuming
-# What a checkpoint's weights depend on: another run resumes from it only where these match.
-RESUME_MATCHES = ("model", "quant", "lora")
+# Keys that say where a run writes and how it is tracked, not what it trains: a run directory beside
+# this one is resumed only where everything else of its config equals this run's.
+NOT_THE_RECIPE = ("paths", "callbacks", "logger", "hydra", "resume", "ckpt_path", "sweep_name", "task_name")
 STALE_RESULTS = ("metrics.json", "error.txt")
 
 
 def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
     """The checkpoint a run starts from: ``ckpt_path``, or with ``resume=auto`` the newest
     ``checkpoints/last.ckpt`` of this run directory, else of the newest unfinished run beside it
-    with the same ``model``, ``quant`` and ``lora`` settings; ``None`` for a fresh start."""
+    with the same recipe (every setting but where it writes and how it is tracked: a sweep's job
+    never resumes a sibling job's run); ``None`` for a fresh start."""
     resume, explicit = cfg.get("resume"), cfg.get("ckpt_path")
     if resume is None:
         return explicit
@@ -139,7 +141,7 @@ def resume_from(cfg: DictConfig, output_dir: Path) -> str | None:
     own = output_dir / "checkpoints" / "last.ckpt"
     if own.is_file():
         return str(own)
-    wanted = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in RESUME_MATCHES}
+    wanted = _recipe(OmegaConf.to_container(cfg, resolve=True))
     runs = sorted((d for d in output_dir.parent.iterdir() if d.is_dir() and d != output_dir),
                   key=lambda d: d.stat().st_mtime, reverse=True) if output_dir.parent.is_dir() else []
     for run in runs:
@@ -158,12 +160,20 @@ def _completed(run: Path) -> bool:
         return False
 
 
+def _recipe(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (resolved) without the keys that do not change what is trained."""
+    recipe = {key: value for key, value in config.items() if key not in NOT_THE_RECIPE}
+    if isinstance(recipe.get("trainer"), dict):
+        recipe["trainer"] = {k: v for k, v in recipe["trainer"].items() if k != "default_root_dir"}
+    return recipe
+
+
 def _same_build(run: Path, wanted: dict[str, Any]) -> bool:
     try:
-        config = OmegaConf.load(run / "config.yaml")
+        config = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=False)
     except (OSError, ValueError):
         return False
-    return all(OmegaConf.to_container(config.get(key), resolve=False) == value for key, value in wanted.items())
+    return _recipe(config) == wanted
 
 
 def set_aside_stale_results(output_dir: Path) -> Path | None:

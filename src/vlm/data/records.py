@@ -35,8 +35,6 @@ REASON_IMAGE_TOO_LARGE = "image too large"  # over PIL's decompression-bomb limi
 REASON_UNREADABLE_SHARD = "unreadable shard"  # cannot be opened, or is not a tar at all
 REASON_TRUNCATED_SHARD = "truncated shard"  # ends before its end-of-archive marker; the samples before the cut are kept
 
-ROLES = ("system", "user", "assistant")
-
 # Every role spelling we accept, mapped to the canonical OpenAI-style role
 # (ShareGPT/LLaVA say "human"/"gpt", OpenAI says "user"/"assistant").
 _ROLE_ALIASES = {
