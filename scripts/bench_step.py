@@ -1,12 +1,20 @@
-"""One whole training step of a full-size Llama-3.2-11B-Vision, built as ``vlm-train`` builds it.
+"""One whole training step of a full-size model, built as ``vlm-train`` builds it.
 
-Random-init weights (the 11B architecture, images of 4 tiles at 560 px) and a locally built
-processor, saved once to ``--model-dir`` and loaded through ``from_pretrained``; then
-``vlm.build.model.build_model`` (NF4, LoRA r16 on the language model, the kernels asked for,
-gradient checkpointing), 8-bit AdamW, bf16 autocast, batch 1 with one image. Prints one ``RESULT``
-JSON line: the median step after two warm-up steps, tokens/s and peak allocated memory.
+Random-init weights of the full-size architecture and a locally built processor, saved once to
+``--model-dir`` and loaded through ``from_pretrained``; then ``vlm.build.model.build_model`` (NF4,
+LoRA r16 on the language model, the kernels asked for, gradient checkpointing), 8-bit AdamW, bf16
+autocast, batch 1 with one image. Prints one ``RESULT`` JSON line: the median step after two warm-up
+steps, tokens/s and peak allocated memory.
 
-    python scripts/bench_step.py --kernels none --frozen-parts on --tokens 2048
+    python scripts/bench_step.py --kernels none --frozen-parts on --tokens 2048           # Llama-3.2-11B-Vision
+    python scripts/bench_step.py --family qwen3_vl --kernels all --tokens 2048            # Qwen3-VL-8B
+    python scripts/bench_step.py --model gemma3_4b --kernels all --tokens 2048            # a conf/model name
+
+``--family mllama`` (the default) is Llama-3.2-11B-Vision with images of 4 tiles at 560 px; the other
+families are the architectures their ``full_size_config`` describes (Qwen3-VL-8B, gemma-3-4b,
+SmolVLM2-2.2B, SmolVLM-Instruct for ``idefics3``), each with one 1024x768 image as its own image
+processor prepares it. ``--smoke`` runs the same path on the family's tiny variant on the CPU, in
+seconds, so that the GPU benchmark cannot rot unnoticed.
 
 Run each setting in its own process: peak memory is per process. Results go in BENCHMARKS.md.
 """
@@ -16,33 +24,44 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+# The image every family but Mllama benchmarks with: a 4:3 photo, as large as a phone's preview.
+BENCH_IMAGE_SIZE = (1024, 768)
+# Words the benchmark tokenizer knows; the text of a batch is the filler word repeated.
+FILLER = "w"
 
-def ensure_model_dir(path: Path) -> Path:
+
+def ensure_mllama_dir(path: Path) -> Path:
     """The random-init 11B checkpoint and a word-level processor, built on first use."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
     if not (path / "config.json").exists():
         config = MllamaConfig()  # its defaults are the 11B architecture
         config.vision_config.image_size = 560
-        torch.manual_seed(0)
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device("cuda"):
-            model = MllamaForConditionalGeneration(config)
-        torch.set_default_dtype(torch.float32)
-        model.save_pretrained(path)
-        del model
-        torch.cuda.empty_cache()
+        save_random_init(MllamaForConditionalGeneration, config, path)
     if not (path / "tokenizer.json").exists():
-        save_processor(path)
+        save_mllama_processor(path)
     return path
 
 
-def save_processor(path: Path) -> None:
+def save_random_init(model_class: type, config: Any, path: Path) -> None:
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = model_class(config)
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+
+
+def save_mllama_processor(path: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import MllamaImageProcessor, MllamaProcessor, PreTrainedTokenizerFast
 
@@ -60,7 +79,7 @@ def save_processor(path: Path) -> None:
     MllamaProcessor(image_processor=MllamaImageProcessor(), tokenizer=fast, chat_template=template).save_pretrained(path)
 
 
-def random_batch(config, tokens: int) -> dict[str, torch.Tensor]:
+def mllama_batch(config: Any, tokens: int) -> dict[str, torch.Tensor]:
     """``tokens`` random ids with one image token, and one random image of 4 tiles."""
     size = config.vision_config.image_size
     generator = torch.Generator().manual_seed(0)
@@ -69,62 +88,166 @@ def random_batch(config, tokens: int) -> dict[str, torch.Tensor]:
     labels = ids.clone()
     labels[:, :2] = -100
     return {
-        "input_ids": ids.cuda(),
-        "labels": labels.cuda(),
-        "pixel_values": torch.randn(1, 1, 4, 3, size, size, generator=generator).to("cuda", torch.bfloat16),
-        "aspect_ratio_ids": torch.tensor([[6]], device="cuda"),
-        "aspect_ratio_mask": torch.tensor([[[1, 1, 1, 1]]], device="cuda"),
-        "cross_attention_mask": torch.ones(1, tokens, 1, 4, dtype=torch.long, device="cuda"),
+        "input_ids": ids,
+        "labels": labels,
+        "pixel_values": torch.randn(1, 1, 4, 3, size, size, generator=generator).to(torch.bfloat16),
+        "aspect_ratio_ids": torch.tensor([[6]]),
+        "aspect_ratio_mask": torch.tensor([[[1, 1, 1, 1]]]),
+        "cross_attention_mask": torch.ones(1, tokens, 1, 4, dtype=torch.long),
     }
 
 
-def main() -> None:
+def ensure_family_dir(family: Any, path: Path) -> Path:
+    """The random-init full-size checkpoint of ``family`` and its processor around a small BPE tokenizer
+    (the model keeps the real vocabulary size; the tokenizer's ids are a part of it), built on first use."""
+    from vlm.models.tokenizer import train_bpe_tokenizer
+
+    if not (path / "config.json").exists():
+        tokenizer = train_bpe_tokenizer(
+            [f"{FILLER} " * 8, "user assistant model system"], family.tiny_special_tokens(), vocab_size=512,
+            bos_token=family.tiny_bos, eos_token=family.tiny_eos, pad_token=family.tiny_pad,
+            chat_template=family.tiny_chat_template,
+        )
+        processor = family.full_size_processor(tokenizer)
+        token_ids = {token: processor.tokenizer.convert_tokens_to_ids(token) for token in family.tiny_special_tokens()}
+        processor.save_pretrained(path)  # first: the model's config.json marks the directory complete
+        save_random_init(family.model_class, family.full_size_config(token_ids), path)
+    return path
+
+
+def family_batch(processor: Any, tokens: int, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """One user turn of one random image and filler text, exactly ``tokens`` long, the filler supervised.
+
+    The processor renders and expands the image as training does; filler tokens then fill the rest of
+    every tensor along the sequence: ids and labels with the filler, the token-level masks with what text
+    has there, any other (Mllama's cross-attention mask) with its last position's value.
+    """
+    from PIL import Image
+
+    from vlm.data.encoding import IGNORE_INDEX, TOKEN_LEVEL_KEYS
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(image_size[1], image_size[0], 3, generator=generator) * 255).to(torch.uint8).numpy()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": FILLER}]}]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    out = processor(text=[text], images=[[Image.fromarray(pixels)]], return_tensors="pt")
+    batch = {key: value for key, value in out.items() if isinstance(value, torch.Tensor)}
+    length = batch["input_ids"].shape[1]
+    if length > tokens:
+        raise SystemExit(f"--tokens {tokens}: the prompt with its image alone takes {length} tokens")
+    filler = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.tokenize(f" {FILLER}")[0])
+    batch["labels"] = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    extra = tokens - length
+    for key, value in batch.items():
+        if value.dim() < 2 or value.shape[1] != length:
+            continue  # per-image tensors
+        if key in TOKEN_LEVEL_KEYS:
+            fill = {"input_ids": filler, "labels": filler, "attention_mask": 1}.get(key, 0)
+            tail = value.new_full((1, extra, *value.shape[2:]), fill)
+        else:
+            tail = value[:, -1:].expand(1, extra, *value.shape[2:])
+        batch[key] = torch.cat([value, tail], dim=1)
+    return batch
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--family", default=None, help="a model family (model_type); default mllama")
+    which.add_argument("--model", default=None, help="a conf/model name (e.g. qwen3_vl_8b): its family")
     parser.add_argument("--kernels", choices=("none", "all"), default="none")
     parser.add_argument("--frozen-parts", choices=("on", "off"), default="on", help="BuildSteps.frozen_parts_forward_only")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/mllama11b"))
-    args = parser.parse_args()
+    parser.add_argument("--model-dir", type=Path, default=None, help="where the random-init checkpoint is kept")
+    parser.add_argument("--smoke", action="store_true", help="the family's tiny variant on the CPU, 3 steps")
+    args = parser.parse_args(argv)
 
     from vlm.build.model import BuildSteps, ModelRecipe, build_model
     from vlm.build.planning import plan_checkpoint
     from vlm.models.families import get_family
+    from vlm.models.loading import load_config, load_processor
     from vlm.models.lora import LoraSettings
     from vlm.patching import KERNELS, KernelSettings
     from vlm.quant.calibrate import CalibrationSettings
     from vlm.quant.config import QuantConfig
     from vlm.training.optim import adamw
 
-    path = str(ensure_model_dir(args.model_dir))
-    family, quant = get_family("mllama"), QuantConfig()
-    planning = plan_checkpoint(path, family, quant, CalibrationSettings(measure=False), device="cuda")
+    model_type = args.family or (model_family(args.model) if args.model else "mllama")
+    family = get_family(model_type)
+    device = "cpu" if args.smoke else "cuda"
+    default_dir = "mllama11b" if model_type == "mllama" else f"bench-{model_type}"
+    if args.smoke:
+        from vlm.data.demo import DEMO_VOCABULARY
+        from vlm.models.tiny import build_tiny_checkpoint
+
+        path = str(build_tiny_checkpoint(family, args.model_dir or Path(tempfile.mkdtemp()) / model_type, DEMO_VOCABULARY))
+    elif model_type == "mllama":
+        path = str(ensure_mllama_dir(args.model_dir or Path(tempfile.gettempdir()) / default_dir))
+    else:
+        path = str(ensure_family_dir(family, args.model_dir or Path(tempfile.gettempdir()) / default_dir))
+
+    # The batch first: a --tokens too small for the image fails before the model loads.
+    config = load_config(path, family)
+    if model_type == "mllama" and not args.smoke:
+        batch = mllama_batch(config, args.tokens)
+    else:
+        image_size = (64, 48) if args.smoke else BENCH_IMAGE_SIZE
+        batch = family_batch(load_processor(path, family), args.tokens, image_size)
+    batch = {key: value.to(device) for key, value in batch.items()}
+    image_tokens = int((batch["input_ids"] == config.image_token_id).sum())
+
+    quant = QuantConfig()
+    planning = plan_checkpoint(path, family, quant, CalibrationSettings(measure=False), device=device)
     kernels = KernelSettings(**{name: args.kernels == "all" for name in KERNELS})
-    recipe = ModelRecipe(path, family, quant, LoraSettings(r=16, alpha=16), kernels, device="cuda")
-    torch.cuda.reset_peak_memory_stats()
+    recipe = ModelRecipe(path, family, quant, LoraSettings(r=16, alpha=16), kernels, device=device)
+    if not args.smoke:
+        torch.cuda.reset_peak_memory_stats()
     built = build_model(recipe, planning, BuildSteps(frozen_parts_forward_only=args.frozen_parts == "on"))
     print(built.summary(), flush=True)
     model = built.model.train()
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    batch = random_batch(model.config, args.tokens)
 
     times, loss = [], None
-    for _ in range(args.steps):
-        torch.cuda.synchronize()
+    steps = 3 if args.smoke else args.steps
+    for _ in range(steps):
+        synchronize(device)
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=not args.smoke):
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     step = statistics.median(times[2:])
-    print("RESULT", json.dumps({
-        "kernels": args.kernels, "frozen_parts": args.frozen_parts, "tokens": args.tokens, "step_s": round(step, 3),
-        "tokens_per_s": round(args.tokens / step), "peak_allocated_GB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "loss": round(float(loss), 4), "times": [round(t, 3) for t in times],
-    }), flush=True)
+    result = {
+        "family": model_type, "kernels": args.kernels, "frozen_parts": args.frozen_parts, "tokens": args.tokens,
+        "image_tokens": image_tokens,
+        "step_s": round(step, 3), "tokens_per_s": round(args.tokens / step),
+        "peak_allocated_GB": None if args.smoke else round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "loss": round(float(loss.detach()), 4), "times": [round(t, 3) for t in times],
+    }
+    print("RESULT", json.dumps(result), flush=True)
+    return result
+
+
+def model_family(name: str) -> str:
+    """The family of the conf/model config ``name``."""
+    from omegaconf import OmegaConf
+
+    from vlm.configs import config_dir
+
+    path = config_dir() / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise SystemExit(f"--model {name}: no conf/model/{name}.yaml; known: {', '.join(known)}")
+    return str(OmegaConf.load(path).family)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -79,3 +79,30 @@ def make_qlora_model(tiny_llama_dir):
     from tiny_llama import qlora_model
 
     return lambda: qlora_model(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The run directory of the default demo (``vlm-train`` with no arguments), trained once per session.
+
+    Only where it writes differs from the README's command (and the validation set is 64 samples
+    rather than 128, to keep evaluation short); the data, model and recipe are the demo's.
+    """
+    from hydra import compose, initialize_config_dir
+
+    from vlm.cli.train import train
+    from vlm.configs import config_dir, register_resolvers
+
+    root = tmp_path_factory.mktemp("demo-run")
+    register_resolvers()
+    overrides = [
+        f"paths.output_dir={root / 'run'}",
+        f"paths.cache_dir={root / 'cache'}",
+        "demo_data.n_val=64",
+        "trainer.enable_progress_bar=false",
+    ]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    summary = train(cfg)
+    assert summary["status"] == "completed", summary
+    return root / "run"

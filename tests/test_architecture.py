@@ -60,7 +60,8 @@ def test_every_path_the_readme_architecture_names_exists():
 
 
 @pytest.mark.parametrize("folder", ["src/vlm/build", "src/vlm/models", "src/vlm/quant", "src/vlm/data",
-                                    "src/vlm/training", "src/vlm/patching", "src/vlm/sweeps", "scripts"])
+                                    "src/vlm/training", "src/vlm/patching", "src/vlm/sweeps", "src/vlm/eval",
+                                    "src/vlm/export", "scripts"])
 def test_nothing_below_the_entry_points_imports_them(folder):
     offenders = {str(p.relative_to(ROOT)): sorted(m for m in imports_of(p) if m.startswith("vlm.cli"))
                  for p in python_files(ROOT / folder)}

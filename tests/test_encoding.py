@@ -324,7 +324,9 @@ def test_template_that_is_not_prefix_stable_is_rejected(tiny_models):
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_min_image_tokens(tiny_models, name):
     encoder, _ = encoder_for(tiny_models, name)
-    expected = {"llava": 16, "mllama": 1, "qwen2_vl": 1, "qwen2_5_vl": 1}
+    expected = {
+        "llava": 16, "mllama": 1, "qwen2_vl": 1, "qwen2_5_vl": 1, "qwen3_vl": 1, "gemma3": 4, "smolvlm": 4, "idefics3": 4,
+    }
     minimum = encoder.min_image_tokens()
     if name in expected:
         assert minimum == expected[name]

@@ -87,7 +87,7 @@ def test_qlora_train_step_changes_only_lora_weights(model_type, tiny_checkpoint)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert lora_before and all("lora_" in n for n in lora_before)
     # LoRA only on the language model's decoder linears.
-    assert all(".language_model.layers." in n for n in lora_before)
+    assert all(f"{family.language_model}.layers." in n for n in lora_before)
 
     optimizer = torch.optim.AdamW(lora_before and [p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = one_image_conversation(load_processor(path, family))

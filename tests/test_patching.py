@@ -27,6 +27,12 @@ ALL = KernelSettings(rms_norm=True, layer_norm=True, rope=True, swiglu=True, geg
 EXPECTED = {
     "qwen2_5_vl": {"rms_norm": 6, "swiglu": 4, "rope": 1, "cross_entropy": 1, "lora": 14},
     "mllama": {"rms_norm": 6, "layer_norm": 4, "swiglu": 3, "rope": 1, "cross_entropy": 1, "lora": 21},
+    # q_norm and k_norm included; the rotary kernel applies the cos/sin that interleaved mrope composed.
+    "qwen3_vl": {"rms_norm": 9, "layer_norm": 6, "swiglu": 2, "rope": 1, "cross_entropy": 1, "lora": 14},
+    # Gemma's (1 + w) norms, the projector's among them, and its tanh-GELU MLPs.
+    "gemma3": {"rms_norm": 14, "layer_norm": 5, "geglu": 2, "rope": 1, "cross_entropy": 1, "lora": 14},
+    "smolvlm": {"rms_norm": 5, "layer_norm": 5, "swiglu": 2, "rope": 1, "cross_entropy": 1, "lora": 14},
+    "idefics3": {"rms_norm": 5, "layer_norm": 5, "swiglu": 2, "rope": 1, "cross_entropy": 1, "lora": 14},
 }
 
 

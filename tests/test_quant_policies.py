@@ -33,6 +33,16 @@ VISION_SKIP_KEEPS = {
     | {"model.visual.merger.mlp.0", "model.visual.merger.mlp.2", "lm_head"},
     "qwen2_5_vl": layers("model.visual.blocks", 2, ("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
     | {"model.visual.merger.mlp.0", "model.visual.merger.mlp.2", "lm_head"},
+    # The DeepStack mergers bridge vision and language as the final merger does.
+    "qwen3_vl": layers("model.visual.blocks", 2, ("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"))
+    | {"model.visual.merger.linear_fc1", "model.visual.merger.linear_fc2"}
+    | {"model.visual.deepstack_merger_list.0.linear_fc1", "model.visual.deepstack_merger_list.0.linear_fc2", "lm_head"},
+    # Gemma 3's projector is pooling, a norm and a bare weight matrix: no linear layer to keep.
+    "gemma3": layers("model.vision_tower.encoder.layers", 2, CLIP_LINEARS) | {"lm_head"},
+    "smolvlm": layers("model.vision_model.encoder.layers", 2, CLIP_LINEARS)
+    | {"model.connector.modality_projection.proj", "lm_head"},
+    "idefics3": layers("model.vision_model.encoder.layers", 2, CLIP_LINEARS)
+    | {"model.connector.modality_projection.proj", "lm_head"},
 }
 # bridge_skip adds the cross-attention output projections: only Mllama has cross-attention.
 BRIDGE_SKIP_KEEPS = {

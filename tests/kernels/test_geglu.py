@@ -125,6 +125,19 @@ def test_reference_matches_the_mlp_activation(dtype, approximate):
     assert torch.equal(mlp.down_proj(geglu_reference(gate, up, approximate)), mlp(x))
 
 
+def test_gemma3_mlp_is_the_tanh_geglu_the_kernel_computes():
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
+
+    torch.manual_seed(0)
+    mlp = Gemma3MLP(Gemma3TextConfig(hidden_size=32, intermediate_size=88)).to(DEVICE)  # its default activation
+    assert mlp.act_fn.__class__.__name__ == "GELUTanh"
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    assert torch.equal(mlp.down_proj(geglu_reference(mlp.gate_proj(x), mlp.up_proj(x), "tanh")), mlp(x))
+    forward = lambda mlp, x: geglu_mlp_forward(mlp, x, "tanh")  # noqa: E731
+    assert_forward_swap_matches(mlp, forward, x, TOLERANCES[torch.float32])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("approximate", APPROXIMATIONS)
 def test_real_size_matches_float64_reference_on_cuda(approximate):

@@ -22,6 +22,8 @@ HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
      "PEFT reads transformers' old attribute name; nothing of ours uses it"),
     (Warning, r"`isinstance\(treespec, LeafSpec\)` is deprecated",
      "Lightning's own use of a torch API, once per process"),
+    (Warning, r"A FSDP `auto_wrap_policy` is set, but the model is already wrapped",
+     "VisionLanguageFineTuner.configure_model wraps the model by that very policy"),
 )
 
 
@@ -57,10 +59,13 @@ def quiet_libraries() -> None:
     # W&B's banner and run history: the run's own summary says where the W&B run is. Its
     # messages go through a logger (so the run's log file has them) instead of to the terminal.
     os.environ.setdefault("WANDB_SILENT", "true")
-    import wandb
-
-    drop_messages("wandb.terminal", WANDB_ANONYMOUS_NOTICE)
-    wandb.termsetup(wandb.Settings(silent=True), logging.getLogger("wandb.terminal"))
+    try:
+        import wandb
+    except ImportError:  # a machine without W&B logs with logger=csv; nothing of W&B to quiet then
+        wandb = None
+    if wandb is not None:
+        drop_messages("wandb.terminal", WANDB_ANONYMOUS_NOTICE)
+        wandb.termsetup(wandb.Settings(silent=True), logging.getLogger("wandb.terminal"))
     # Lightning installs its own log handlers when imported; imported here, before Hydra configures
     # logging, they are replaced by the run's (conf/hydra/default.yaml) instead of printing twice.
     import lightning  # noqa: F401

@@ -1,7 +1,9 @@
 """``vlm-shards``: make tar shards for training.
 
     vlm-shards demo --out DIR [--train N --val M --image-size S --seed K --samples-per-shard P]
-    vlm-shards convert --input data.json|data.jsonl --images DIR --out DIR
+    vlm-shards convert --input data.json|data.jsonl|DATASET_DIR|data.parquet|'data-*.arrow' [--images DIR] --out DIR
+                       [--format auto|sharegpt|openai|trl|cauldron] [--split train]
+                       [--messages-column NAME --images-column NAME]
                        [--prefix train --samples-per-shard 1000 --image-format keep|png|jpg|webp]
                        [--val-fraction F | --val-count N] [--split-seed S]
 
@@ -25,20 +27,10 @@ from vlm.data.convert import (
     convert,
 )
 from vlm.data.demo import DEFAULT_SHARDS_PER_SPLIT, MIN_IMAGE_SIZE, write_demo_shards
+from vlm.data.formats import FORMAT_CHOICES, RecordLayout
+from vlm.data.hf_datasets import DEFAULT_SPLIT
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, both excluded, got {text}")
-    return value
+from .arguments import open_fraction, positive_int
 
 
 def _image_size(text: str) -> int:
@@ -55,28 +47,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="render the synthetic shapes-and-colours visual-question set")
     demo.add_argument("--out", type=Path, required=True, help="output directory")
-    demo.add_argument("--train", type=_positive_int, default=2000, help="train samples (default 2000)")
-    demo.add_argument("--val", type=_positive_int, default=200, help="validation samples (default 200)")
+    demo.add_argument("--train", type=positive_int, default=2000, help="train samples (default 2000)")
+    demo.add_argument("--val", type=positive_int, default=200, help="validation samples (default 200)")
     demo.add_argument("--image-size", type=_image_size, default=64, help="image side in pixels (default 64)")
     demo.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     demo.add_argument(
         "--samples-per-shard",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"shard size (default: split each split into {DEFAULT_SHARDS_PER_SPLIT} shards)",
     )
 
     conv = commands.add_parser(
         "convert",
-        help="convert LLaVA/ShareGPT JSON or JSONL plus images into shards",
-        description="Convert LLaVA/ShareGPT JSON or JSONL records and their images into OUT/PREFIX-000000.tar, ... "
-        "and, with --val-fraction or --val-count, validation shards OUT/val-000000.tar, ...",
+        help="convert LLaVA/ShareGPT, OpenAI, TRL or Cauldron records (JSON, JSONL or a dataset) into shards",
+        description="Convert records and their images into OUT/PREFIX-000000.tar, ... and, with --val-fraction or "
+        "--val-count, validation shards OUT/val-000000.tar, ... The records are JSON or JSONL, or a Hugging Face "
+        "dataset on disk; each is LLaVA/ShareGPT, OpenAI messages, TRL content lists or Cauldron texts.",
     )
-    conv.add_argument("--input", type=Path, required=True, help="records as a JSON array or JSONL")
-    conv.add_argument("--images", type=Path, required=True, help="folder the records' image paths are relative to")
+    conv.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="records as a JSON array or JSONL, or a dataset: a save_to_disk folder, or .parquet / .arrow files "
+        "(a path or a quoted glob)",
+    )
+    conv.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="folder the records' relative image paths are relative to (not needed when the images are embedded, "
+        "as in most datasets, or given as absolute paths or file:// URLs)",
+    )
     conv.add_argument("--out", type=Path, required=True, help="output directory")
+    conv.add_argument(
+        "--format",
+        choices=FORMAT_CHOICES,
+        default="auto",
+        help="the records' format: sharegpt (LLaVA from/value turns), openai (role/content strings), trl "
+        "(content lists of text and image items), cauldron (texts of user/assistant exchanges); auto tells "
+        "them apart record by record (default auto)",
+    )
+    conv.add_argument("--split", default=None, help=f"the split of a dataset to convert (default {DEFAULT_SPLIT})")
+    conv.add_argument(
+        "--messages-column",
+        metavar="NAME",
+        help="the field or column holding the conversation (default: conversations, messages or texts)",
+    )
+    conv.add_argument(
+        "--images-column", metavar="NAME", help="the field or column holding the images (default: image or images)"
+    )
     conv.add_argument("--prefix", default="train", help="training shard name prefix (default train)")
-    conv.add_argument("--samples-per-shard", type=_positive_int, default=1000, help="shard size (default 1000)")
+    conv.add_argument("--samples-per-shard", type=positive_int, default=1000, help="shard size (default 1000)")
     conv.add_argument(
         "--image-format",
         choices=("keep", "png", "jpg", "webp"),
@@ -87,13 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     split = conv.add_mutually_exclusive_group()
     split.add_argument(
         "--val-fraction",
-        type=_fraction,
+        type=open_fraction,
         metavar="F",
         help=f"send this fraction of the records (0 < F < 1; F x records rounded half up, at least 1) to "
         f"{VAL_PREFIX}-*.tar shards",
     )
     split.add_argument(
-        "--val-count", type=_positive_int, metavar="N", help=f"send N of the records to {VAL_PREFIX}-*.tar shards"
+        "--val-count", type=positive_int, metavar="N", help=f"send N of the records to {VAL_PREFIX}-*.tar shards"
     )
     conv.add_argument(
         "--split-seed",
@@ -167,6 +189,8 @@ def run_convert(args: argparse.Namespace) -> int:
             samples_per_shard=args.samples_per_shard,
             image_format=None if args.image_format == "keep" else args.image_format,
             val_split=split,
+            layout=RecordLayout(args.format, args.messages_column, args.images_column),
+            split=args.split,
             progress=not args.no_progress,
         )
     except (InputFileError, ValueError) as exc:

@@ -30,6 +30,8 @@ log = logging.getLogger("vlm")
 
 # The callback that writes metrics.json, built with the facts of how the run was built.
 RUN_SUMMARY = "run_summary"
+# The callback that answers validation questions while training, built with the run's processor.
+GENERATION = "generation"
 
 
 def instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
@@ -108,7 +110,9 @@ def target_device(trainer_cfg: DictConfig | None, gpu: int | None = None) -> str
 
     accelerator = trainer_cfg.get("accelerator") if trainer_cfg else "auto"
     if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return f"cuda:{gpu if gpu is not None else int(os.environ.get('LOCAL_RANK', 0))}"
+        # The rank's GPU on its machine: LOCAL_RANK (Lightning's launcher, torchrun) or SLURM_LOCALID (a task per GPU).
+        rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+        return f"cuda:{gpu if gpu is not None else rank}"
     return "cpu"
 
 
@@ -240,15 +244,46 @@ def plan_for_run(
     )
 
 
+# --------------------------------------------------------------------------- strategy
+def shards_parameters(trainer_cfg: DictConfig) -> bool:
+    """Whether ``trainer.strategy`` shards the weights over the ranks (FSDP, whose units then need
+    the 4-bit weights stored as the compute dtype); raises ``ConfigError`` for Lightning's plain
+    ``fsdp`` names, which know nothing of a QLoRA model's units."""
+    from hydra.utils import get_class
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = trainer_cfg.get("strategy")
+    if isinstance(strategy, str):
+        if strategy.startswith("fsdp"):
+            raise ConfigError(f"trainer.strategy={strategy}: use trainer=fsdp, which wraps the model as QLoRA needs")
+        return False
+    if not OmegaConf.is_config(strategy) or "_target_" not in strategy:
+        return False
+    return issubclass(get_class(str(strategy._target_)), FSDPStrategy)
+
+
+def build_strategy(trainer_cfg: DictConfig, family: ModelFamily, model: Any) -> Any | None:
+    """``trainer.strategy`` built with what FSDP needs for this model (its units: the family's
+    decoder layers and the LoRA matrices, see :func:`vlm.training.distributed.fsdp_arguments`)
+    where the config leaves them out; ``None`` leaves the strategy to the Trainer's config."""
+    from vlm.training.distributed import fsdp_arguments
+
+    if not shards_parameters(trainer_cfg):
+        return None
+    node = trainer_cfg.strategy
+    given = {k: v for k, v in fsdp_arguments(family.decoder_layer_classes(model)).items() if node.get(k) is None}
+    return instantiate_checked(node, **given)
+
+
 # --------------------------------------------------------------------------- callbacks and loggers
-def build_callbacks(cfg: DictConfig, facts: RunFacts) -> tuple[list[Any], Any | None]:
+def build_callbacks(cfg: DictConfig, facts: RunFacts, processor: Any = None) -> tuple[list[Any], Any | None]:
     """The configured callbacks, and among them the run summary (``callbacks.run_summary``; None
-    where the config removed it). Without the progress bar where ``trainer.enable_progress_bar=false``:
-    Lightning refuses a progress bar callback then."""
+    where the config removed it); ``callbacks.generation`` gets ``processor``. Without the progress
+    bar where ``trainer.enable_progress_bar=false``: Lightning refuses a progress bar callback then."""
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks.progress import ProgressBar
 
-    handed = {RUN_SUMMARY: {"facts": facts.as_dict()}}
+    handed: dict[str, dict[str, Any]] = {RUN_SUMMARY: {"facts": facts.as_dict()}, GENERATION: {"processor": processor}}
     callbacks, summary = [], None
     for key, node in (cfg.get("callbacks") or {}).items():
         if node is None:

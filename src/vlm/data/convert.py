@@ -1,20 +1,23 @@
-"""Convert ShareGPT/LLaVA-format JSON or JSONL plus an image folder into tar shards.
+"""Convert the records researchers have, and their images, into tar shards.
 
-Input records look like::
+``--input`` is a JSON array or JSONL file of records, or a Hugging Face dataset on disk (a
+``save_to_disk`` folder, parquet or arrow files; see :mod:`vlm.data.hf_datasets`). A record is in
+one of the formats of :mod:`vlm.data.formats`, told apart per record or named with ``--format``;
+LLaVA/ShareGPT, for instance::
 
     {"id": "000123", "image": "coco/train2017/000123.jpg",     # or a list, or absent
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
                        {"from": "gpt", "value": "A cat."}]}
 
-``images`` (a list) is accepted instead of ``image`` and ``messages`` (OpenAI-style turns)
-instead of ``conversations``. Image paths are relative to the image folder (absolute paths are
-used as they are). Text-only records are kept. A record that cannot be converted is skipped and
-counted by reason; only an unreadable input file stops the conversion.
+Image paths are relative to the image folder (absolute paths and ``file://`` URLs are used as
+they are); images may also be embedded as bytes. Text-only records are kept. A record that cannot
+be converted is skipped and counted by reason; only an input that cannot be read stops the
+conversion.
 
-Image files go into the shards byte for byte when the reader takes their format (PNG, JPEG,
-WebP; recognised from the content, not the file name), after checking that they decode; other
-formats are re-encoded as PNG. A :class:`ValidationSplit` sends a seeded, reproducible choice of
-records to ``val-*.tar`` shards beside the training ones.
+Images go into the shards byte for byte when the reader takes their format (PNG, JPEG, WebP;
+recognised from the content, not the file name), after checking that they decode; other formats
+are re-encoded as PNG. A :class:`ValidationSplit` sends a seeded, reproducible choice of records
+to ``val-*.tar`` shards beside the training ones.
 """
 
 from __future__ import annotations
@@ -25,11 +28,10 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -40,16 +42,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from vlm.data.formats import ImageSource, RecordLayout, parse_record
+from vlm.data.hf_datasets import DatasetInputError, is_dataset_input, read_dataset
 from vlm.data.images import decode_rgb
 from vlm.data.records import (
     REASON_BAD_JSON,
     REASON_BAD_RECORD,
     REASON_MISSING_IMAGE_FILE,
+    REASON_NO_IMAGE_FOLDER,
     REASON_UNREADABLE_IMAGE,
     RecordError,
     SkipCounter,
-    align_placeholders,
-    normalize_conversation,
 )
 from vlm.data.shards import (
     ImageFile,
@@ -66,7 +69,8 @@ VAL_PREFIX = "val"
 
 
 class InputFileError(Exception):
-    """The input file as a whole cannot be read (missing, not UTF-8, not a JSON array / JSONL)."""
+    """The input as a whole cannot be read (missing, not UTF-8, not a JSON array / JSONL, not a
+    dataset, or without the split or column asked for)."""
 
 
 @dataclass
@@ -191,6 +195,40 @@ def read_records(input_path: str | Path) -> tuple[int, Iterator[RawRecord]]:
     return len(lines), parse()
 
 
+@dataclass
+class InputRecords:
+    """The records of an input, how many there are, and the layout to read them with."""
+
+    total: int
+    records: Iterator[RawRecord]
+    layout: RecordLayout
+
+
+def open_input(input_path: str | Path, layout: RecordLayout | None = None, split: str | None = None) -> InputRecords:
+    """Open a JSON/JSONL file (see :func:`read_records`) or a dataset (see :func:`~vlm.data.hf_datasets.read_dataset`).
+
+    ``layout`` (default: formats told per record, fields found per record) says how to read the
+    records; for a dataset, its fields become the columns read.
+
+    Raises:
+        InputFileError: the input cannot be read, has no such split or column, or ``split`` is
+        given for a JSON file.
+    """
+    layout = layout or RecordLayout()
+    if not is_dataset_input(input_path):
+        if split is not None:
+            raise InputFileError(f"--split picks a split of a dataset, and {input_path} is read as JSON or JSONL")
+        total, records = read_records(input_path)
+        return InputRecords(total, records, layout)
+    try:
+        found = read_dataset(input_path, split, layout.messages_field, layout.images_field)
+    except DatasetInputError as exc:
+        raise InputFileError(str(exc)) from exc
+    records = (RawRecord(index, row) for index, row in enumerate(found.rows))
+    columns = replace(layout, messages_field=found.messages_column, images_field=found.images_column)
+    return InputRecords(found.total, records, columns)
+
+
 class KeyAssigner:
     """Gives each record a unique shard key derived from its ``id`` (dots etc. replaced by ``_``)."""
 
@@ -210,17 +248,6 @@ class KeyAssigner:
         return key
 
 
-def _image_paths(record: dict[str, Any], where: str) -> list[str]:
-    value = record.get("image", record.get("images"))
-    if value is None or value == [] or value == "":
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
-        return value
-    raise RecordError(f"{where}: 'image' must be a path or a list of paths, got {value!r}", REASON_BAD_RECORD)
-
-
 def _image_bytes(path: Path, where: str) -> bytes:
     """The bytes of an image file; ``RecordError`` "missing image file" or "unreadable image"."""
     if not path.is_file():
@@ -231,79 +258,103 @@ def _image_bytes(path: Path, where: str) -> bytes:
         raise RecordError(f"{where}: cannot read image {path} ({exc})", REASON_UNREADABLE_IMAGE) from exc
 
 
-def load_image(path: Path, where: str) -> Image.Image:
-    """Read an image file as RGB, honouring its EXIF orientation (see :func:`vlm.data.images.decode_rgb`)."""
-    return decode_rgb(_image_bytes(path, where), f"{where}: image {path}")
+def _source_bytes(source: ImageSource, images_dir: str | Path | None, where: str) -> bytes:
+    if source.data is not None:
+        return source.data
+    path = Path(source.path)
+    if not path.is_absolute():
+        if images_dir is None:
+            raise RecordError(
+                f"{where}: {source.field} is a relative path ({source.path!r}) and no --images folder was given",
+                REASON_NO_IMAGE_FOLDER,
+            )
+        path = Path(images_dir) / path
+    return _image_bytes(path, f"{where}: {source.field}")
 
 
-def read_image_file(path: Path, where: str, image_format: str | None = None) -> ImageFile:
-    """The image file at ``path`` as a shard stores it.
+def read_image(
+    source: ImageSource, images_dir: str | Path | None, where: str, image_format: str | None = None
+) -> ImageFile:
+    """The image ``source`` names (embedded bytes, or a file found in ``images_dir``) as a shard stores it.
 
     Args:
-        image_format: ``None`` keeps the file's own bytes when its format is PNG, JPEG or WebP
+        image_format: ``None`` keeps the image's own bytes when its format is PNG, JPEG or WebP
             (other formats become PNG); ``png``, ``jpg``/``jpeg`` or ``webp`` re-encodes it.
 
     Raises:
-        RecordError: reason "missing image file" or "unreadable image" (it does not decode).
+        RecordError: reason "missing image file", "relative image path without --images",
+        "unreadable image" (it does not decode) or "image too large".
     """
+    data = _source_bytes(source, images_dir, where)
+    described = f"{where}: {source.describe()}"
     if image_format is not None:
-        return ImageFile(encode_image(load_image(path, where), image_format), image_format.lower())
-    return image_file(_image_bytes(path, where), f"{where}: image {path}")
+        return ImageFile(encode_image(decode_rgb(data, described), image_format), image_format.lower())
+    return image_file(data, described)
 
 
-def record_to_entry(record: Any, images_dir: str | Path, key: str, image_format: str | None = None) -> dict[str, Any]:
+def record_to_entry(
+    record: Any,
+    images_dir: str | Path | None,
+    key: str,
+    image_format: str | None = None,
+    layout: RecordLayout | None = None,
+) -> dict[str, Any]:
     """Turn one parsed input record into the shard entry named ``key`` (what ``webdataset.TarWriter``
-    writes; see :func:`~vlm.data.shards.encode_record`), its images as :func:`read_image_file` stores them.
+    writes; see :func:`~vlm.data.shards.encode_record`), its images as :func:`read_image` stores them.
 
     Raises:
-        RecordError: reason "bad record" (not an object, bad image field), "bad conversation",
-        "placeholder mismatch", "missing image file" or "unreadable image".
+        RecordError: reason "bad record" (not an object, bad image field), one of the conversation
+        reasons (see :func:`~vlm.data.formats.parse_record`), "placeholder mismatch", or an image's
+        (see :func:`read_image`).
     """
     where = f"record {key!r}"
     if not isinstance(record, dict):
         raise RecordError(f"{where}: must be a JSON object, got {type(record).__name__}", REASON_BAD_RECORD)
-    conversation = record.get("conversations", record.get("messages"))
-    messages = normalize_conversation(conversation, key=key)
-    paths = _image_paths(record, where)
-    # Check the placeholders before reading any image: it costs nothing.
-    messages = align_placeholders(messages, len(paths), key=key)
-    images = [read_image_file(Path(images_dir) / p, where, image_format) for p in paths]
-    return encode_record(key, messages, images)
+    parsed = parse_record(record, layout or RecordLayout(), key)
+    images = [read_image(source, images_dir, where, image_format) for source in parsed.images]
+    return encode_record(key, parsed.messages, images)
 
 
 def convert(
     input_path: str | Path,
-    images_dir: str | Path,
+    images_dir: str | Path | None,
     out_dir: str | Path,
     *,
     prefix: str = "train",
     samples_per_shard: int = 1000,
     image_format: str | None = None,
     val_split: ValidationSplit | None = None,
+    layout: RecordLayout | None = None,
+    split: str | None = None,
     progress: bool = True,
     console: Console | None = None,
 ) -> ConversionReport:
-    """Convert a JSON/JSONL file of LLaVA/ShareGPT records into shards ``out_dir/prefix-*.tar``.
+    """Convert the records of ``input_path`` (a JSON/JSONL file or a dataset) into shards ``out_dir/prefix-*.tar``.
 
     Args:
+        images_dir: the folder relative image paths are found in; ``None`` when the records embed
+            their images or give absolute paths (a record with a relative path is then skipped).
         image_format: ``None`` stores PNG, JPEG and WebP files as they are (others as PNG);
-            ``png``, ``jpg`` or ``webp`` re-encodes every image (see :func:`read_image_file`).
+            ``png``, ``jpg`` or ``webp`` re-encodes every image (see :func:`read_image`).
         val_split: records chosen for validation go to ``out_dir/val-*.tar`` instead; ``None``
             writes training shards only.
+        layout: the records' format and fields (see :class:`~vlm.data.formats.RecordLayout`;
+            default: told per record).
+        split: the split of a dataset to convert (see :func:`open_input`).
         progress: show a rich progress bar (on ``console``, stderr by default).
 
     Returns:
         A :class:`ConversionReport`; bad records are counted in ``report.skipped``, never raised.
 
     Raises:
-        InputFileError: the input file itself is unreadable (see :func:`read_records`).
+        InputFileError: the input itself cannot be read (see :func:`open_input`).
         ValueError: ``prefix`` is that of the validation shards while splitting, or the split
             leaves no record for training.
     """
     if val_split is not None and prefix == VAL_PREFIX:
         raise ValueError(f"--prefix {prefix} names the validation shards; choose another prefix for training shards")
-    total, records = read_records(input_path)
-    val_positions = val_split.positions(total) if val_split is not None else frozenset()
+    source = open_input(input_path, layout, split)
+    val_positions = val_split.positions(source.total) if val_split is not None else frozenset()
     report = ConversionReport()
     assign_key = KeyAssigner()
     bar = Progress(
@@ -320,10 +371,10 @@ def convert(
     with bar, ExitStack() as shards:
         train = shards.enter_context(ShardSeries(out_dir, prefix, samples_per_shard))
         val = shards.enter_context(ShardSeries(out_dir, VAL_PREFIX, samples_per_shard)) if val_split else None
-        task = bar.add_task("convert", total=total, written=0, skipped=0)
-        for raw in records:
+        task = bar.add_task("convert", total=source.total, written=0, skipped=0)
+        for raw in source.records:
             try:
-                entry = _raw_to_entry(raw, images_dir, assign_key, image_format)
+                entry = _raw_to_entry(raw, images_dir, assign_key, image_format, source.layout)
             except RecordError as exc:
                 report.skipped.add(exc.reason, exc)
             else:
@@ -337,8 +388,14 @@ def convert(
     return report
 
 
-def _raw_to_entry(raw: RawRecord, images_dir: str | Path, assign_key: KeyAssigner, image_format: str | None) -> dict:
+def _raw_to_entry(
+    raw: RawRecord,
+    images_dir: str | Path | None,
+    assign_key: KeyAssigner,
+    image_format: str | None,
+    layout: RecordLayout,
+) -> dict:
     if raw.error is not None:
         raise raw.error
     key = assign_key(raw.data, raw.index) if isinstance(raw.data, dict) else f"record{raw.index:09d}"
-    return record_to_entry(raw.data, images_dir, key, image_format)
+    return record_to_entry(raw.data, images_dir, key, image_format, layout)

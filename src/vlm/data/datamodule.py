@@ -41,6 +41,9 @@ _GLOB_CHARS = "*?["
 # Key of a training item's stream position, (logical worker, pass, raw samples read): removed by
 # the data module when the batch is trained on (see ShardDataModule.on_before_batch_transfer).
 POSITION_KEY = "stream_position"
+# Key of a training item's sample key (its ``__key__`` in the shards); a batch carries the list,
+# which the data module keeps as ShardDataModule.batch_keys when the batch is trained on.
+SAMPLE_KEYS_KEY = "sample_keys"
 # A worker that skips this many samples in a row sends their counts in an item of its own (it takes
 # a slot of a batch, which then holds one sample less), so the main process sees a stream of bad
 # data soon enough to stop it, instead of after the worker's whole pass.
@@ -141,8 +144,8 @@ class EncodedSamples(IterableDataset):
     reports why.
 
     With ``track_position`` every item also carries its worker's :class:`StreamPosition` after it
-    (``POSITION_KEY``), and ``resume`` starts each worker where such a position says: the raw
-    samples it had read are passed over before decoding.
+    (``POSITION_KEY``) and its sample's key (``SAMPLE_KEYS_KEY``), and ``resume`` starts each
+    worker where such a position says: the raw samples it had read are passed over before decoding.
     """
 
     def __init__(
@@ -200,6 +203,8 @@ class EncodedSamples(IterableDataset):
             encoded = self._encoded(raw, counter)
             if encoded is not None:
                 encoded.update(skip_report(counter))
+                if self.track_position:
+                    encoded[SAMPLE_KEYS_KEY] = raw["__key__"]
                 usable += 1
                 yield self._tagged(encoded, worker, pass_index, read)
             elif counter.pending >= _REPORT_AFTER_SKIPS:
@@ -262,7 +267,8 @@ class ShardDataModule(L.LightningDataModule):
     :data:`~vlm.data.tally.MIN_SAMPLES_FOR_FRACTION` samples and skipped more than this fraction of
     them stops the run with a :class:`~vlm.data.records.DataError`, as does a pass over a loader's
     shards without any usable sample. :attr:`skipped` counts skips per reason over every loader,
-    :attr:`delivered` the samples delivered in batches.
+    :attr:`delivered` the samples delivered in batches, :attr:`batch_keys` the keys (``__key__``)
+    of the samples of the training batch being trained on.
     """
 
     def __init__(
@@ -320,6 +326,7 @@ class ShardDataModule(L.LightningDataModule):
         self._tallies: list[LoaderTally] = []
         self._positions: dict[int, StreamPosition] = {}  # per logical worker, of the batches trained on
         self._last_worker: int | None = None
+        self.batch_keys: tuple[str, ...] = ()
         self._train_workers = 1
         self._restored: dict[str, Any] | None = None  # a checkpoint's stream state, for the next loader
 
@@ -389,6 +396,9 @@ class ShardDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Notes where the training stream of the batch about to be trained on was (Lightning
         calls this for the batch of the step, not for the one its fetcher holds ahead)."""
+        keys = batch.pop(SAMPLE_KEYS_KEY, None)
+        if keys is not None:
+            self.batch_keys = tuple(keys)
         position = batch.pop(POSITION_KEY, None)
         if position is not None:
             worker, pass_index, consumed = position
@@ -439,16 +449,21 @@ def _collate_with_skips(items: list[dict[str, Any]], **kwargs: Any) -> dict[str,
     skipped: Counter[str] = Counter()
     examples = []
     samples = []
+    keys = []
     position = None
     for item in items:
         skipped.update(item.pop(SKIPPED_KEY, {}))
         examples.extend(item.pop(EXAMPLES_KEY, []))
         position = item.pop(POSITION_KEY, position)  # the batch's items come in stream order: the last one's
+        if SAMPLE_KEYS_KEY in item:
+            keys.append(item.pop(SAMPLE_KEYS_KEY))
         if "input_ids" in item:
             samples.append(item)
     batch = collate(samples, **kwargs) if samples else {}
     batch[SKIPPED_KEY] = dict(skipped)
     batch[EXAMPLES_KEY] = examples
+    if keys:
+        batch[SAMPLE_KEYS_KEY] = keys
     if position is not None:
         batch[POSITION_KEY] = position
     return batch

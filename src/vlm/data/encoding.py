@@ -9,9 +9,11 @@ The encoder is generic over model families: it relies only on the processor's ch
    rendering the prefixes of the conversation (the template must be prefix-stable). A span runs
    from the end of the generation prompt to the end of the turn, end-of-turn token included, so
    the model learns to stop.
-3. The rendered text is tokenized without image expansion (with character offsets) to decide
-   which tokens are supervised, and processed with the images (image tokens expanded as the
-   model needs them); the two token sequences are aligned by walking both.
+3. The rendered text is processed with the images: the processor replaces each image
+   placeholder with the image's tokens (and whatever markup the family wraps them in) and says
+   where (``return_text_replacement_offsets``); with the character offsets of its tokens, each
+   token is either part of one image's block or maps back to the rendered text, where the
+   assistant spans decide whether it is supervised.
 4. Sequences longer than ``max_seq_length`` are truncated without ever cutting an image's tokens:
    when an image does not fit whole, the text is cut before it and re-encoded with only the
    images before the cut, so every processor output stays consistent with ``input_ids``.
@@ -97,8 +99,10 @@ class _ImageRun:
 class ConversationEncoder:
     """Encodes :class:`~vlm.data.records.Sample` s for one processor (see the module docstring).
 
-    ``image_token`` is the family's image token as it appears in rendered text (e.g.
-    ``"<|image_pad|>"``); the processor expands it. The encoder keeps no state between samples.
+    ``image_token`` is the family's image token in the model's input ids, the one its image
+    features replace (e.g. ``"<|image_pad|>"``); in rendered text an image is the processor's own
+    placeholder (``processor.image_token``: Gemma 3 renders ``<start_of_image>`` and expands it to
+    soft tokens). The encoder keeps no state between samples.
     """
 
     def __init__(self, processor: Any, image_token: str, settings: EncoderSettings):
@@ -117,6 +121,7 @@ class ConversationEncoder:
         self.tokenizer = tokenizer
         self.image_token = image_token
         self.image_token_id = int(image_token_id)
+        self.placeholder = getattr(processor, "image_token", None) or image_token
         self.settings = settings
         self._image_opener = self._probe_image_opener()
         self._min_image_tokens: int | None = None
@@ -150,13 +155,13 @@ class ConversationEncoder:
             for side in (28, 56):
                 try:
                     out = self.processor(
-                        text=[self.image_token], images=[[Image.new("RGB", (side, side))]], return_tensors="pt"
+                        text=[self.placeholder], images=[[Image.new("RGB", (side, side))]], return_tensors="pt"
                     )
                 except _DATA_ERRORS:
                     continue
                 counts.append(int((out["input_ids"] == self.image_token_id).sum()))
             if not counts:
-                raise ValueError(f"the processor cannot process a blank image with the text {self.image_token!r}")
+                raise ValueError(f"the processor cannot process a blank image with the text {self.placeholder!r}")
             self._min_image_tokens = min(counts)
         return self._min_image_tokens
 
@@ -219,7 +224,7 @@ class ConversationEncoder:
         if after_text < 0:
             return ""
         after_text += len(_PROBE_TEXT)
-        image_at = rendered.find(self.image_token, after_text)
+        image_at = rendered.find(self.placeholder, after_text)
         if image_at <= after_text:
             return ""
         opener = rendered[after_text:image_at]
@@ -236,23 +241,28 @@ class ConversationEncoder:
         self, key: str, text: str, spans: list[tuple[int, int]], images: list[Image.Image], flag: bool
     ) -> tuple[dict[str, torch.Tensor], bool]:
         """Encode rendered ``text``; returns the tensors and whether they were truncated."""
-        unexpanded = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=flag)
-        ids: list[int] = list(unexpanded["input_ids"])
-        offsets = [tuple(o) for o in unexpanded["offset_mapping"]]
-        supervised = [_inside(start, end, spans) for start, end in offsets]
-
         try:
             out = self.processor(
-                text=[text], images=[images] if images else None, return_tensors="pt", add_special_tokens=flag
+                text=[text],
+                images=[images] if images else None,
+                return_tensors="pt",
+                add_special_tokens=flag,
+                return_offsets_mapping=True,
+                return_text_replacement_offsets=True,
             )
         except _DATA_ERRORS as error:
             raise EncodingError(f"sample {key!r}: the processor cannot process the sample: {error}") from error
+        # Bookkeeping for the labels only, not model inputs.
+        offsets = out.pop("offset_mapping", None)
+        replacements = out.pop("text_replacement_offsets", None) or [[]]
         encoded = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
         expanded = encoded["input_ids"]
         if expanded.dim() != 2 or expanded.shape[0] != 1:
             raise EncodingError(f"sample {key!r}: the processor returned input_ids of shape {tuple(expanded.shape)}")
+        if offsets is None:
+            raise EncodingError(f"sample {key!r}: the processor returned no character offsets of its tokens")
 
-        labels, runs = self._align(key, ids, offsets, supervised, expanded[0].tolist())
+        labels, runs = self._label(key, text, spans, expanded[0].tolist(), offsets[0].tolist(), replacements[0])
         n_images = sum(run.n_images for run in runs)
         if n_images != len(images):
             raise EncodingError(
@@ -277,39 +287,75 @@ class ConversationEncoder:
         shorter, _ = self._encode(key, text[:cut], clipped, images[: cut_run.first_image], flag)
         return shorter, True
 
-    def _align(
-        self, key: str, ids: list[int], offsets: list[tuple[int, int]], supervised: list[bool], expanded: list[int]
+    def _label(
+        self,
+        key: str,
+        text: str,
+        spans: list[tuple[int, int]],
+        ids: list[int],
+        offsets: list[list[int]],
+        replacements: list[dict[str, Any]],
     ) -> tuple[list[int], list[_ImageRun]]:
-        """Labels for the expanded ids, and the image-token runs in them."""
-        image = self.image_token_id
+        """Labels for the processor's ``ids``, and the image runs in them.
+
+        Each replacement is where the processor expanded one image placeholder: ``span`` in
+        ``text``, ``new_span`` in the text it tokenized (``offsets`` index that one). A token that
+        overlaps a new span belongs to that image's block, never supervised (markup the tokenizer
+        merged with neighbouring whitespace included); any other token maps back to ``text``,
+        shifted by what the replacements before it added. Without replacements (a processor that
+        expands nothing, as Mllama's) each run of image tokens holds as many images as tokens.
+        """
+        blocks = sorted(
+            ((tuple(r["span"]), tuple(r["new_span"])) for r in replacements if r.get("type", "image") == "image"),
+            key=lambda block: block[1],
+        )
+        for (start, end), _ in blocks:
+            if text[start:end] != self.placeholder:
+                self._misaligned(key, f"a replacement at characters {start}-{end} is not {self.placeholder!r}")
         labels: list[int] = []
-        runs: list[_ImageRun] = []
-        i = j = 0
-        images_seen = 0
-        while i < len(ids) or j < len(expanded):
-            if i < len(ids) and ids[i] == image:
-                k = _run_length(ids, i, image)
-                m = _run_length(expanded, j, image)
-                if m < k:
-                    self._misaligned(key, i, j)
-                runs.append(_ImageRun(start=j, end=j + m, first_image=images_seen, n_images=k, char=offsets[i][0]))
-                images_seen += k
-                labels.extend([IGNORE_INDEX] * m)
-                i += k
-                j += m
-            elif i < len(ids) and j < len(expanded) and ids[i] == expanded[j]:
-                labels.append(expanded[j] if supervised[i] else IGNORE_INDEX)
-                i += 1
-                j += 1
-            else:
-                self._misaligned(key, i, j)
+        tokens_of_block: list[list[int]] = [[] for _ in blocks]
+        shift = 0
+        block = 0
+        for n, (token, (start, end)) in enumerate(zip(ids, offsets)):
+            if end <= start:  # an added special token: no characters, never supervised
+                labels.append(IGNORE_INDEX)
+                continue
+            while block < len(blocks) and blocks[block][1][1] <= start:
+                (old_start, old_end), (new_start, new_end) = blocks[block]
+                shift += (new_end - new_start) - (old_end - old_start)
+                block += 1
+            if block < len(blocks) and end > blocks[block][1][0]:
+                tokens_of_block[block].append(n)
+                labels.append(IGNORE_INDEX)
+                continue
+            labels.append(token if _inside(start - shift, end - shift, spans) else IGNORE_INDEX)
+        if not blocks:
+            return labels, self._image_token_runs(ids, offsets)
+        runs = []
+        for n, (((char, _), _), tokens) in enumerate(zip(blocks, tokens_of_block)):
+            if not tokens:
+                self._misaligned(key, f"image {n} has no tokens in the processor output")
+            runs.append(_ImageRun(start=tokens[0], end=tokens[-1] + 1, first_image=n, n_images=1, char=char))
         return labels, runs
 
-    def _misaligned(self, key: str, i: int, j: int) -> None:
+    def _image_token_runs(self, ids: list[int], offsets: list[list[int]]) -> list[_ImageRun]:
+        """Runs of the image token in ``ids`` of unexpanded text, one image per token."""
+        runs: list[_ImageRun] = []
+        n = 0
+        while n < len(ids):
+            if ids[n] != self.image_token_id:
+                n += 1
+                continue
+            length = _run_length(ids, n, self.image_token_id)
+            first = sum(run.n_images for run in runs)
+            runs.append(_ImageRun(start=n, end=n + length, first_image=first, n_images=length, char=offsets[n][0]))
+            n += length
+        return runs
+
+    def _misaligned(self, key: str, what: str) -> None:
         raise EncodingError(
-            f"sample {key!r}: processor output does not align with the tokenizer's tokens of the same text "
-            f"(token {i} of the text vs. token {j} of the processor output); the processor may add or change "
-            f"tokens besides expanding {self.image_token!r}"
+            f"sample {key!r}: the processor output cannot be mapped back to the rendered text: {what}; "
+            f"the processor may expand {self.placeholder!r} in a way this encoder does not know"
         )
 
 

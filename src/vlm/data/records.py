@@ -29,6 +29,8 @@ REASON_UNKNOWN_ROLE = "unknown role"
 REASON_PLACEHOLDER_MISMATCH = "placeholder mismatch"
 REASON_MISSING_IMAGE = "missing image"  # an image the sample names or has a placeholder for is not in the shard
 REASON_MISSING_IMAGE_FILE = "missing image file"  # converter: the image path does not exist
+REASON_NO_IMAGE_FOLDER = "relative image path without --images"  # converter: nothing to resolve it against
+REASON_UNKNOWN_CONTENT_TYPE = "unknown content type"  # converter: a content item neither text nor image
 REASON_UNREADABLE_IMAGE = "unreadable image"  # corrupt, truncated, or a mode that has no RGB
 REASON_IMAGE_TOO_LARGE = "image too large"  # over PIL's decompression-bomb limit, Image.MAX_IMAGE_PIXELS
 # Shard-level reasons count once per shard and pass, not per sample.

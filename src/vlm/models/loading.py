@@ -74,7 +74,7 @@ def bitsandbytes_config(quant: QuantConfig, keep: tuple[str, ...]) -> transforme
         bnb_4bit_quant_type=quant.method,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=quant.torch_compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=quant.torch_quant_storage,
         llm_int8_skip_modules=skip,
     )
 
@@ -112,6 +112,7 @@ def load_model(
     model = family.model_class.from_pretrained(checkpoint, **kwargs)
     verify_quantized(model, quant_plan)
     keep_cpu_weights_trainable(model)
+    family.prepare_loaded(model)
     report = LoadReport(
         checkpoint=str(checkpoint),
         plan=quant_plan,
@@ -159,7 +160,25 @@ def load_processor(checkpoint: str, family: ModelFamily) -> Any:
         image_processor=_slow_image_processor(checkpoint),
         tokenizer=tokenizer,
         chat_template=_processor_chat_template(checkpoint) or tokenizer.chat_template,
+        **_processor_settings(checkpoint, family.image_only_processor),
     )
+
+
+def _processor_settings(checkpoint: str, processor_class: type) -> dict[str, Any]:
+    """The processor's own saved arguments that ``processor_class`` takes (SmolVLM's and Idefics3's
+    ``image_seq_len``, the tokens an image tile becomes), from the checkpoint's ``processor_config.json``."""
+    import inspect
+    import json
+
+    from transformers.utils import cached_file
+
+    path = cached_file(checkpoint, "processor_config.json", _raise_exceptions_for_missing_entries=False)
+    if not path:
+        return {}
+    with open(path, encoding="utf-8") as file:
+        saved = json.load(file)
+    taken = set(inspect.signature(processor_class.__init__).parameters) - {"self", "chat_template", "args", "kwargs"}
+    return {key: value for key, value in saved.items() if key in taken and key not in ("image_processor", "tokenizer")}
 
 
 def _slow_image_processor(checkpoint: str) -> Any:

@@ -24,6 +24,11 @@ def patch_fused_cross_entropy(model: nn.Module, report: PatchReport) -> None:
     if not isinstance(head, nn.Linear) or type(head) is not nn.Linear:
         report.skipped["cross_entropy: no plain nn.Linear lm_head"] += 1
         return
+    text_config = top.config.get_text_config() if hasattr(top.config, "get_text_config") else top.config
+    if getattr(text_config, "final_logit_softcapping", None) is not None:
+        # The loss would be of the head's raw logits, not of the soft-capped ones the model trains on.
+        report.skipped["cross_entropy: soft-capped logits"] += 1
+        return
     original = top.forward
 
     def forward(self, *args, labels=None, **kwargs):  # noqa: ANN001

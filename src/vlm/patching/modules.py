@@ -4,16 +4,22 @@ the QLoRA linear. Each checks that the module computes what the kernel computes,
 from __future__ import annotations
 
 import functools
+from copy import deepcopy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .report import PatchReport
 
+if TYPE_CHECKING:
+    from vlm.kernels.rms_norm import RMSNormVariant
+
 
 # --------------------------------------------------------------------------- norms
 def patch_rms_norms(model: nn.Module, report: PatchReport) -> None:
-    """Llama-style RMSNorms: a ``weight`` and ``variance_epsilon`` (or ``eps``), no offset."""
+    """RMSNorms with a ``weight`` and ``variance_epsilon`` (or ``eps``): Llama's (``weight * x_hat``) and
+    Gemma's (``(1 + weight) * x_hat`` in fp32), told apart by what the module computes (:func:`rms_norm_variant`)."""
     from vlm.kernels.rms_norm import rms_norm
 
     for module in model.modules():
@@ -23,12 +29,39 @@ def patch_rms_norms(model: nn.Module, report: PatchReport) -> None:
         if not isinstance(getattr(module, "weight", None), torch.Tensor) or eps is None:
             report.skipped["rms_norm: no weight or eps"] += 1
             continue
+        variant = rms_norm_variant(module, eps)
+        if variant is None:
+            report.skipped["rms_norm: computes neither Llama's nor Gemma's norm"] += 1
+            continue
 
-        def forward(self, hidden_states, eps=eps):  # noqa: ANN001
-            return rms_norm(hidden_states, self.weight, eps)
+        def forward(self, hidden_states, eps=eps, variant=variant):  # noqa: ANN001
+            return rms_norm(hidden_states, self.weight, eps, variant=variant)
 
         report.replace_forward(module, forward)
         report.patched["rms_norm"] += 1
+
+
+def rms_norm_variant(module: nn.Module, eps: float) -> RMSNormVariant | None:
+    """The kernel variant (``LLAMA`` or ``GEMMA``) whose formula and output dtype ``module`` has, or ``None``.
+
+    Asked of an fp32 copy of the module (the module itself is neither run nor touched), since both kinds keep
+    the same attributes: on a probe row in fp32 the two formulas differ by the whole normalized row (the
+    offset of 1), far beyond rounding; given a bf16 row, Llama's answers in fp32 (its weight's dtype) and
+    Gemma's in bf16.
+    """
+    from vlm.kernels.rms_norm import GEMMA, LLAMA, rms_norm_reference
+
+    copy = deepcopy(module).float()
+    weight = copy.weight.detach()
+    probe = torch.randn(2, weight.shape[-1], generator=torch.Generator().manual_seed(0)).to(weight.device)
+    with torch.no_grad():
+        out, half = copy(probe), copy(probe.to(torch.bfloat16))
+    for variant in (LLAMA, GEMMA):
+        expected = rms_norm_reference(probe, weight, eps, variant)
+        same = out.shape == expected.shape and torch.allclose(out.float(), expected, rtol=1e-4, atol=1e-4)
+        if same and half.dtype == variant.out_dtype(torch.bfloat16, torch.float32):
+            return variant
+    return None
 
 
 def patch_layer_norms(model: nn.Module, report: PatchReport) -> None:

@@ -11,7 +11,7 @@ KERNELS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu", "cross_entropy",
 class KernelSettings:
     """One switch per kernel, so that an ablation can sweep them (``kernels.rms_norm=false``).
 
-    ``geglu`` applies to GeGLU MLPs (Gemma-style); none of the families shipped today has one.
+    ``geglu`` applies to GeGLU MLPs (Gemma 3's); ``swiglu`` to SwiGLU ones (Llama, Qwen, SmolVLM).
     """
 
     rms_norm: bool = False

@@ -132,10 +132,19 @@ def record_failure(output_dir: str | Path, error: BaseException, identity: JobId
     """``metrics.json`` with ``"status": "failed"`` and the error, plus the traceback in ``error.txt``.
 
     Keeps whatever the training callbacks already wrote (a failure mid-training has its losses).
+    A rank other than the first of a run spread over several writes its traceback to
+    ``error-<rank>.txt``, and ``metrics.json`` only where the first has not written one (a failing
+    rank usually takes the first down without a word).
     """
+    from vlm.training.distributed import is_first_process, process_label
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "metrics.json"
+    if not is_first_process():
+        (output_dir / f"error-{process_label()}.txt").write_text("".join(traceback.format_exception(error)))
+        if path.exists():
+            return path
     try:
         metrics = json.loads(path.read_text()) if path.exists() else {}
     except ValueError:

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from vlm.eval.report import run_scores
+
 GIB = 1024**3
 # Metric columns, in order: (column, key in metrics.json, scale).
 METRIC_COLUMNS = (
@@ -24,6 +26,13 @@ METRIC_COLUMNS = (
     ("wall_time_s", "wall_time_s", 1),
     ("trainable_params", "trainable_params", 1),
 )
+# Columns of a job's evaluation (``vlm-eval``, the job's row of its ``eval.json``), shown once a job has one.
+EVAL_COLUMNS = (
+    ("eval_loss", "loss"),
+    ("eval_perplexity", "perplexity"),
+    ("eval_exact_match", "exact_match"),
+    ("eval_token_f1", "token_f1"),
+)
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
 
 
@@ -33,6 +42,7 @@ class JobRow:
     status: str  # completed | failed | incomplete (no metrics.json: still running, or killed)
     overrides: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # the job's scores from vlm-eval, if evaluated
 
     @property
     def error(self) -> str:
@@ -43,6 +53,10 @@ class JobRow:
     def metric(self, key: str, scale: float = 1) -> float | None:
         value = self.metrics.get(key)
         return value * scale if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    def eval_score(self, key: str) -> float | None:
+        value = self.evaluation.get(key)
+        return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
     @property
     def policy(self) -> str:
@@ -70,7 +84,8 @@ def collect(sweep_dir: str | Path) -> list[JobRow]:
         metrics_path = job_dir / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         status = metrics.get("status", "incomplete") if metrics else "incomplete"
-        rows.append(JobRow(job=job_dir.name, status=status, overrides=overrides, metrics=metrics))
+        evaluation = run_scores(job_dir) or {}
+        rows.append(JobRow(job=job_dir.name, status=status, overrides=overrides, metrics=metrics, evaluation=evaluation))
     if not rows:
         raise FileNotFoundError(f"{sweep_dir} holds no job directories (subdirectories with .hydra/ or metrics.json)")
     return rows
@@ -85,12 +100,14 @@ def swept_keys(rows: Sequence[JobRow]) -> list[str]:
 def table(rows: Sequence[JobRow], exact: bool = False) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the summary: numbers in full (``exact``, for the CSV) or to 4 digits."""
     varied = swept_keys(rows)
-    header = ["job", "status", *varied, *(c for c, _, _ in METRIC_COLUMNS), "error"]
+    scored = [(c, key) for c, key in EVAL_COLUMNS if any(row.eval_score(key) is not None for row in rows)]
+    header = ["job", "status", *varied, *(c for c, _, _ in METRIC_COLUMNS), *(c for c, _ in scored), "error"]
     show = _exact if exact else _format
     cells = []
     for row in rows:
         metrics = [show(row.metric(key, scale)) for _, key, scale in METRIC_COLUMNS]
-        cells.append([row.job, row.status, *(row.overrides.get(k, "") for k in varied), *metrics, row.error])
+        evaluation = [show(row.eval_score(key)) for _, key in scored]
+        cells.append([row.job, row.status, *(row.overrides.get(k, "") for k in varied), *metrics, *evaluation, row.error])
     return header, cells
 
 

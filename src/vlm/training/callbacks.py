@@ -11,12 +11,13 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning
 import torch
 
 from vlm.quant.bnb_layers import quantized_layer_names
+from vlm.training.distributed import full_trainable_state, gather_per_rank
 from vlm.training.plain import plain
 
 __all__ = [
@@ -146,8 +147,14 @@ class ThroughputMonitor(lightning.Callback):
     Time counts from the start of training, including data loading, excluding validation
     runs inside ``fit``. On CUDA the token counts stay on the device and are read with one
     ``.item()`` per logged window, which also waits for the window's GPU work, so the timing is
-    honest without other syncs. Numbers are per process (multiply by the world size for DDP).
+    honest without other syncs. On several ranks the logged numbers are the run's: tokens and
+    samples per second summed over the ranks, step time and peak memory their maximum;
+    :meth:`summary` stays this process's own.
     """
+
+    # How a logged number of one rank combines with the others' (the window is the same steps on each).
+    REDUCTIONS: ClassVar[dict[str, str]] = {"tokens_per_s": "sum", "samples_per_s": "sum", "tokens_total": "sum",
+                  "step_time_s": "max", "peak_memory_bytes": "max"}
 
     def __init__(self, log_every_n_steps: int | None = None, prefix: str = "perf/") -> None:
         if log_every_n_steps is not None and int(log_every_n_steps) < 1:
@@ -229,7 +236,11 @@ class ThroughputMonitor(lightning.Callback):
         self.last_metrics = metrics
         self._reset_window()
         if pl_module is not None:
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+            distributed = trainer.world_size > 1
+            for key, value in metrics.items():
+                reduce_fx = self.REDUCTIONS[key.removeprefix(self.prefix)] if distributed else "mean"
+                pl_module.log(key, value, on_step=True, on_epoch=False, batch_size=1, sync_dist=distributed,
+                              reduce_fx=reduce_fx)
 
     def summary(self, trainer: lightning.Trainer | None = None) -> dict[str, Any]:
         """Totals of the training so far (flushes a pending window first)."""
@@ -299,6 +310,12 @@ class RunSummary(lightning.Callback):
     :meth:`vlm.build.run.RunFacts.as_dict`), with ``"status": "completed"``; on an exception it gets
     ``"status": "failed"`` and ``"error"`` instead (the adapter is then not saved).
 
+    On several ranks every rank calls the hooks, and rank 0 writes: the training loss averaged over
+    the ranks (each rank's loss is its share of the global batch's, see
+    :class:`~vlm.training.module.VisionLanguageFineTuner`), tokens and samples summed, tokens per
+    second over the slowest rank's training time, peak memory the largest rank's, and
+    ``samples_per_rank``/``peak_memory_per_rank`` besides.
+
     ``initial_val_loss`` is the first validation result seen (run ``trainer.validate(module,
     datamodule=...)`` on the same Trainer before ``fit`` to get the untrained baseline; the
     sanity check does not count), ``final_val_loss`` the latest. A validation run *after*
@@ -327,6 +344,9 @@ class RunSummary(lightning.Callback):
         self._val_history: list[dict[str, Any]] = []
         self._status: str | None = None
         self._adapter_dir: Path | None = None
+        self._samples = 0  # training samples this rank trained on
+        self._parameters: tuple[int, int] | None = None  # (trainable, total), counted before any sharding
+        self._ranks: dict[str, list[float | None]] | None = None  # per-rank totals, gathered when training ends
 
     @property
     def last_validated_step(self) -> int | None:
@@ -359,11 +379,14 @@ class RunSummary(lightning.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:  # noqa: ANN001
         if self._t0 is None:
             self._t0 = time.perf_counter()
+        if self._parameters is None:  # before FSDP shards the weights
+            self._parameters = count_parameters(getattr(pl_module, "model", pl_module))
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
         self._train_t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self._samples += ThroughputMonitor._count(batch)[1]
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()  # kept on the device: read once, at the end
@@ -387,10 +410,14 @@ class RunSummary(lightning.Callback):
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
         if self._train_t0 is not None:
             self._train_time_fallback = time.perf_counter() - self._train_t0
+        # Collectives on several ranks: every rank takes part, rank 0 writes.
+        self._ranks = gather_per_rank(trainer, self._rank_totals(trainer, pl_module))
+        model = getattr(pl_module, "model", pl_module)
+        state = full_trainable_state(trainer, model)  # FSDP: the LoRA weights whole, on rank 0
         if trainer.is_global_zero:
-            model = getattr(pl_module, "model", pl_module)
             if hasattr(model, "save_pretrained"):
-                model.save_pretrained(str(self.adapter_dir), safe_serialization=True)
+                extra = {"state_dict": state} if state is not None else {}
+                model.save_pretrained(str(self.adapter_dir), safe_serialization=True, **extra)
                 self._adapter_dir = self.adapter_dir
             else:
                 log.warning("RunSummary: %s has no save_pretrained; adapter not saved", type(model).__name__)
@@ -414,35 +441,76 @@ class RunSummary(lightning.Callback):
                 return cb
         return None
 
+    def _rank_totals(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> dict[str, Any]:
+        """This rank's numbers that the run's summary combines over the ranks."""
+        monitor = self._monitor(trainer)
+        perf = monitor.summary(trainer) if monitor is not None else {}
+        return {
+            "first_train_loss": _to_float(self._first_loss),
+            "last_train_loss": _to_float(self._last_loss),
+            "total_tokens": perf.get("total_tokens"),
+            "samples": self._samples,
+            "train_time_s": perf.get("train_time_s") if monitor is not None else self._train_time_fallback,
+            "train_batches": perf.get("train_batches"),
+            "peak_memory_bytes": perf.get("peak_memory_bytes") or peak_memory_bytes(pl_module.device),
+        }
+
+    def _combined(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> dict[str, Any]:
+        """The run's numbers: over the ranks as gathered when training ended, else (training has not
+        ended: a failure, or a validation without training) this process's own."""
+        per_rank = self._ranks or {k: [v] for k, v in self._rank_totals(trainer, pl_module).items()}
+
+        def known(key: str) -> list[float]:
+            return [v for v in per_rank[key] if v is not None]
+
+        def total(key: str) -> int | None:
+            return int(sum(known(key))) if known(key) else None
+
+        def mean(key: str) -> float | None:
+            return sum(known(key)) / len(known(key)) if known(key) else None
+
+        slowest = max(known("train_time_s"), default=None)
+        tokens, samples, batches = total("total_tokens"), total("samples"), max(known("train_batches"), default=None)
+        return {
+            "first_train_loss": mean("first_train_loss"),
+            "last_train_loss": mean("last_train_loss"),
+            "tokens_per_s": tokens / slowest if tokens is not None and slowest else None,
+            "samples_per_s": samples / slowest if samples is not None and slowest else None,
+            "mean_step_time_s": slowest / batches if slowest and batches else None,
+            "total_tokens": tokens,
+            "total_samples": samples,
+            "samples_per_rank": [int(v or 0) for v in per_rank["samples"]],
+            "peak_memory_bytes": int(max(known("peak_memory_bytes"))) if known("peak_memory_bytes") else None,
+            "peak_memory_per_rank": [None if v is None else int(v) for v in per_rank["peak_memory_bytes"]],
+            "train_time_s": slowest,
+        }
+
     def collect(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> dict[str, Any]:
         """The metrics dict (without ``status``)."""
         vals = [h.get("value") for h in self._val_history]
         initial = vals[0] if vals else None
         final = vals[-1] if vals else None
         reduction = 1.0 - final / initial if initial not in (None, 0.0) and final is not None else None
-        monitor = self._monitor(trainer)
-        perf = monitor.summary(trainer) if monitor is not None else {}
         model = getattr(pl_module, "model", pl_module)
-        trainable, total = count_parameters(model)
+        trainable, total = self._parameters or count_parameters(model)
         skipped = getattr(trainer.datamodule, "skipped", None)  # counted by the data module as batches arrive
+        combined = self._combined(trainer, pl_module)
         return {
-            "first_train_loss": _to_float(self._first_loss),
-            "last_train_loss": _to_float(self._last_loss),
+            "first_train_loss": combined.pop("first_train_loss"),
+            "last_train_loss": combined.pop("last_train_loss"),
             "initial_val_loss": initial,
             "final_val_loss": final,
             "val_loss_reduction": reduction,
             "val_loss_history": self._val_history,
-            "tokens_per_s": perf.get("tokens_per_s"),
-            "samples_per_s": perf.get("samples_per_s"),
-            "mean_step_time_s": perf.get("mean_step_time_s"),
-            "total_tokens": perf.get("total_tokens"),
-            "total_samples": perf.get("total_samples"),
-            "peak_memory_bytes": perf.get("peak_memory_bytes") or peak_memory_bytes(pl_module.device),
+            **{key: combined[key] for key in ("tokens_per_s", "samples_per_s", "mean_step_time_s", "total_tokens",
+                                              "total_samples", "samples_per_rank", "peak_memory_bytes",
+                                              "peak_memory_per_rank")},
             "wall_time_s": time.perf_counter() - self._t0 if self._t0 is not None else None,
-            "train_time_s": perf.get("train_time_s") if monitor is not None else self._train_time_fallback,
+            "train_time_s": combined["train_time_s"],
             "steps": int(trainer.global_step),
             "epochs": int(trainer.current_epoch),
             "world_size": int(trainer.world_size),
+            "strategy": type(trainer.strategy).__name__,
             "trainable_params": trainable,
             "total_params": total,
             "trainable_fraction": trainable / total if total else None,

@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from vlm.data.encoding import IGNORE_INDEX
 from vlm.errors import ConfigError
+from vlm.training.distributed import clean_name, is_fsdp, same_on_every_rank, uses_fsdp
 from vlm.training.optim import LRScheduleConfig, cosine_with_warmup
 from vlm.training.plain import plain, qualified_name
 from vlm.training.resume import describe_differences
@@ -112,6 +113,7 @@ class VisionLanguageFineTuner(lightning.LightningModule):
         self.strict_loading = False
         self._val_loss_sum: torch.Tensor | None = None
         self._val_token_count: torch.Tensor | None = None
+        self._ranks_checked = False
 
     # ------------------------------------------------------------------ forward / steps
     def on_fit_start(self) -> None:
@@ -145,10 +147,23 @@ class VisionLanguageFineTuner(lightning.LightningModule):
             raise RuntimeError("the model returned no loss; does it accept `labels`?")
         return loss
 
+    def _share_of_tokens(self, labels: torch.Tensor) -> torch.Tensor:
+        """This rank's supervised tokens over the mean per rank of the step: the factor that turns
+        the rank's token-mean loss into its part of the global token-mean (DDP and FSDP average
+        the ranks' gradients)."""
+        count = supervised_token_count(labels).to(torch.float32)
+        total = self.trainer.strategy.reduce(count.clone(), reduce_op="sum")
+        return count * self.trainer.world_size / total.clamp_min(1.0)
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        if distributed:
+            loss = loss * self._share_of_tokens(batch["labels"]).to(loss.device)
         batch_size = self._batch_size(batch)
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
+        # Averaged over the ranks: with the weighting above, the global batch's token-mean loss.
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size,
+                 sync_dist=distributed)
         optimizers = self.trainer.optimizers if self._trainer is not None else []
         if optimizers:
             self.log(
@@ -183,15 +198,65 @@ class VisionLanguageFineTuner(lightning.LightningModule):
             total = self.trainer.strategy.reduce(total, reduce_op="sum")
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
         val_loss = torch.where(count > 0, total / count.clamp_min(1.0), torch.full_like(total, float("nan")))
-        # float32 for loggers; already reduced over ranks, so no sync_dist.
-        self.log("val/loss", val_loss.float(), prog_bar=True, on_step=False, on_epoch=True, sync_dist=False)
-        self.log("val/tokens", count.float(), on_step=False, on_epoch=True, sync_dist=False)
+        # float32 for loggers. Already reduced over ranks, so the same on each: sync_dist averages
+        # equal values (and tells Lightning the ranks agree).
+        distributed = self.trainer.world_size > 1
+        self.log("val/loss", val_loss.float(), prog_bar=True, on_step=False, on_epoch=True, sync_dist=distributed)
+        self.log("val/tokens", count.float(), on_step=False, on_epoch=True, sync_dist=distributed)
         self._val_loss_sum = None
         self._val_token_count = None
+
+    # ------------------------------------------------------------------ ranks
+    def setup(self, stage: str) -> None:
+        if self._trainer is None or self.trainer.world_size <= 1 or self._ranks_checked:
+            return
+        # Before any wrapping: each rank built its own model, and one that differs (another
+        # quantization plan, another LoRA init) would train silently out of step.
+        if not same_on_every_rank(self.trainer, self.build_fingerprint()):
+            raise RuntimeError(
+                "the ranks built different models (quantized layers, LoRA weights or their initial values "
+                "differ): every rank must load the same checkpoint with the same quant plan and seed"
+            )
+        self._ranks_checked = True
+
+    def build_fingerprint(self) -> torch.Tensor:
+        """What must be equal on every rank: a hash of the 4-bit layers' and trainable weights' names
+        and shapes, and the sum of the trainable weights (their initial values)."""
+        import hashlib
+
+        from vlm.quant.bnb_layers import quantized_layer_names
+
+        trainable = [(clean_name(n), tuple(p.shape)) for n, p in self.named_parameters() if p.requires_grad]
+        described = repr((quantized_layer_names(self.model), trainable)).encode()
+        digest = int.from_bytes(hashlib.sha256(described).digest()[:6], "big")  # exact in a float64
+        total = sum(float(p.detach().double().sum()) for p in self.parameters() if p.requires_grad)
+        return torch.tensor([float(digest), total], dtype=torch.float64)
 
     # ------------------------------------------------------------------ optimizers
     def trainable_parameters(self) -> list[Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_model(self) -> None:
+        """Under FSDP: wrap the model, once, as the strategy says (Lightning calls this inside its
+        wrapping context, which holds the strategy's units, mixed precision and device).
+
+        Wrapped here, the model stays wrapped through ``validate``, ``fit`` and ``validate`` again;
+        a wrapper Lightning put around this module itself would be made anew for each of them,
+        and after the first one without a root around the units already inside.
+        """
+        if self._trainer is not None and uses_fsdp(self.trainer) and not is_fsdp(self.model):
+            from torch.distributed.fsdp.wrap import wrap
+
+            self.model = wrap(self.model)
+
+    def configure_gradient_clipping(
+        self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        if gradient_clip_val and is_fsdp(self.model) and gradient_clip_algorithm in (None, "norm"):
+            # Each rank holds a shard of the gradients: FSDP's own clipping takes the norm over all of them.
+            self.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Any:
         params = self.trainable_parameters()
@@ -217,8 +282,9 @@ class VisionLanguageFineTuner(lightning.LightningModule):
 
     # ------------------------------------------------------------------ checkpointing
     def trainable_state_keys(self) -> list[str]:
-        """State-dict keys (of this LightningModule) of the parameters that train."""
-        return [name for name, p in self.named_parameters() if p.requires_grad]
+        """State-dict keys (of this LightningModule) of the parameters that train, as a state dict
+        names them also where FSDP wrapped their modules."""
+        return [clean_name(name) for name, p in self.named_parameters() if p.requires_grad]
 
     def _trainable_state(self, state: dict[str, Any], missing_message: Callable[[list[str], int], str]) -> dict[str, Any]:
         """The entries of ``state`` that are trainable parameters; ``KeyError`` when some are missing."""
@@ -231,6 +297,8 @@ class VisionLanguageFineTuner(lightning.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "state_dict" not in checkpoint:
             return
+        if not checkpoint["state_dict"] and self._trainer is not None and not self.trainer.is_global_zero:
+            return  # FSDP gathers the full state dict onto rank 0 only; the others write nothing
         # Only LoRA (trainable) weights: the 4-bit base comes from the pretrained model.
         checkpoint["state_dict"] = self._trainable_state(
             checkpoint["state_dict"], lambda missing, _: f"trainable parameters missing from the state dict: {missing[:5]}"
@@ -250,9 +318,11 @@ class VisionLanguageFineTuner(lightning.LightningModule):
         )
         if len(state) > len(trainable):
             log.info("ignoring %d non-trainable entries of the checkpoint's state_dict", len(state) - len(trainable))
-        own = dict(self.named_parameters())
+        own = {clean_name(name): p for name, p in self.named_parameters()}
+        # Under FSDP a rank holds flat shards of the weights, whose shapes say nothing; FSDP checks them.
+        sharded = is_fsdp(self.model)
         reshaped = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} now"
-                    for k, v in trainable.items() if tuple(v.shape) != tuple(own[k].shape)]
+                    for k, v in trainable.items() if not sharded and tuple(v.shape) != tuple(own[k].shape)]
         if reshaped:
             raise ConfigError(f"the checkpoint's LoRA weights have other shapes ({len(reshaped)}, e.g. {reshaped[0]})")
         checkpoint["state_dict"] = trainable

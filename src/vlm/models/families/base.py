@@ -6,11 +6,13 @@ project asks the family instead of branching on model names.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import transformers
 
+from vlm.errors import ConfigError
 from vlm.quant.policies import ModelParts
 
 # Every linear layer of a decoder block of a Llama-style language model: the standard QLoRA targets.
@@ -70,10 +72,22 @@ class ModelFamily:
     tiny_pad: ClassVar[str]
     tiny_extra_special_tokens: ClassVar[tuple[str, ...]] = ()
     tiny_chat_template: ClassVar[str]
+    # The oldest transformers release with the family's classes that this project runs on.
+    min_transformers: ClassVar[str] = "5.17"
 
     tiny: TinySize = field(default_factory=TinySize)
 
     # ---- classes -------------------------------------------------------------------------------
+    def check_installed(self) -> None:
+        """Raise ``ConfigError`` naming the transformers release the family needs when the installed
+        one lacks its model or processor class."""
+        missing = [name for name in (self.model_class_name, self.processor_class_name) if not hasattr(transformers, name)]
+        if missing:
+            raise ConfigError(
+                f"model.family={self.model_type} needs transformers >= {self.min_transformers} "
+                f"(it has no {', '.join(missing)}); installed: {transformers.__version__}"
+            )
+
     @property
     def model_class(self) -> type:
         return getattr(transformers, self.model_class_name)
@@ -90,6 +104,22 @@ class ModelFamily:
             vision=(self.vision_tower,), projector=(self.projector,), cross_attention_out=self.cross_attention_out
         )
 
+    def decoder_layer_classes(self, model: Any) -> frozenset[type]:
+        """The classes of the language model's decoder layers in ``model`` (loaded, PEFT-wrapped or
+        a skeleton): the modules of its ``<language_model>.layers`` stack, where nearly all the
+        weights and activations are; the units FSDP shards (Mllama has two kinds, self- and
+        cross-attention layers).
+
+        Raises ``ValueError`` when ``model`` has no such stack.
+        """
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        name = f"{self.language_model}.layers"
+        try:
+            layers = base.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{type(base).__name__} has no decoder layer stack {name!r}") from None
+        return frozenset(type(layer) for layer in layers)
+
     # ---- tiny variant --------------------------------------------------------------------------
     def tiny_special_tokens(self) -> list[str]:
         tokens = [self.tiny_bos, self.tiny_eos, self.tiny_pad, self.image_token, *self.tiny_extra_special_tokens]
@@ -105,6 +135,22 @@ class ModelFamily:
 
     def finish_tiny_init(self, model: Any) -> None:
         """Adjust a freshly initialised tiny model where random init differs from any trained checkpoint."""
+
+    def tiny_vit_config(self, patch_size: int, **extra: Any) -> dict[str, Any]:
+        """A ViT vision tower (CLIP, SigLIP) at tiny size: the keys their configs share."""
+        size = self.tiny
+        return {
+            "hidden_size": size.vision_hidden_size,
+            "intermediate_size": 2 * size.vision_hidden_size,
+            "num_hidden_layers": size.vision_layers,
+            "num_attention_heads": size.vision_heads,
+            "image_size": size.image_size,
+            "patch_size": patch_size,
+            **extra,
+        }
+
+    def prepare_loaded(self, model: Any) -> None:
+        """Fix what the family's modelling code gets wrong in training, once the model is loaded."""
 
     def tiny_text_config(self, token_ids: dict[str, int], vocab_size: int, **overrides: Any) -> dict[str, Any]:
         """The language model's config at tiny size, its special tokens pointing into the tiny vocabulary
@@ -167,4 +213,8 @@ def slow_image_processor_class(image_processor_type: str) -> type:
     cls = getattr(transformers, f"{stem}Pil", None) or getattr(transformers, stem, None)
     if cls is None:
         raise ValueError(f"transformers {transformers.__version__} has no image processor {image_processor_type!r}")
+    if cls.__qualname__.endswith("Placeholder"):
+        # transformers 5.17 guesses that SmolVLM's and Idefics3's PIL processors need torchvision (their
+        # files name it) and lists a placeholder; the class itself imports from its module.
+        cls = getattr(importlib.import_module(cls.__module__), cls.__name__)
     return cls

@@ -41,17 +41,9 @@ class Llava(ModelFamily):
     patch_size = 8
 
     def tiny_vision_config(self) -> dict[str, Any]:
-        size = self.tiny
-        return {
-            "model_type": "clip_vision_model",
-            "hidden_size": size.vision_hidden_size,
-            "intermediate_size": 2 * size.vision_hidden_size,
-            "num_hidden_layers": size.vision_layers,
-            "num_attention_heads": size.vision_heads,
-            "image_size": size.image_size,
-            "patch_size": self.patch_size,
-            "projection_dim": size.vision_hidden_size,
-        }
+        return self.tiny_vit_config(
+            self.patch_size, model_type="clip_vision_model", projection_dim=self.tiny.vision_hidden_size
+        )
 
     def tiny_config(self, token_ids: dict[str, int], vocab_size: int) -> transformers.PretrainedConfig:
         return transformers.LlavaConfig(

@@ -86,7 +86,7 @@ class Qwen2VL(ModelFamily):
 
     def tiny_processor(self, tokenizer: Any) -> Any:
         unit = self.patch_size * self.merge_size
-        side = 2 * unit  # 56 px: a 4x4 patch grid, 4 image tokens after merging
+        side = 2 * unit  # two merge units a side: a 4x4 patch grid, 4 image tokens after merging
         return self.image_only_processor(
             image_processor=image_processor(
                 "Qwen2VL",

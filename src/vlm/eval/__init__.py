@@ -1,0 +1,1 @@
+"""Judging a model by its answers: generation, scores, and comparisons of runs."""
