@@ -22,3 +22,25 @@ def compose_small(config_name: str, tmp_path: Path, *overrides: str, run: str = 
     ]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name, overrides=[*small, *overrides])
+
+
+def train_on_shards(tmp_path: Path, urls: list, *overrides: str) -> dict:
+    """``vlm-train data=webdataset`` on ``urls`` in a process of its own, two steps of four samples,
+    read in order; returns its ``metrics.json`` (the run must succeed)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update(VLM_CACHE_DIR=str(tmp_path / "cache"), NETRC=str(tmp_path / "no-netrc"))
+    command = [
+        sys.executable, "-m", "vlm.cli.train",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "data=webdataset", f"data.urls=[{','.join(map(str, urls))}]",
+        "data.batch_size=4", "data.num_workers=1", "data.shuffle_buffer=0",
+        "trainer.max_steps=2", "calibration.measure=false", "logger=csv", *overrides,
+    ]  # fmt: skip
+    done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
-import subprocess
-import sys
 import tarfile
 from dataclasses import dataclass
 from itertools import groupby
@@ -20,6 +17,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from composing import train_on_shards
 from PIL import Image
 
 from vlm.cli.shards import main
@@ -260,19 +258,7 @@ def test_a_training_run_on_the_shards_of_every_format_trains_on_every_sample_of_
     urls = [str(path) for name in FORMATS for path in converted[name].report.shards]
     n_samples = sum(len(converted[name].answers) for name in FORMATS)
     assert n_samples == 8  # two steps of four: one whole pass over every shard, no sample twice
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    env.update(VLM_CACHE_DIR=str(tmp_path / "cache"), NETRC=str(tmp_path / "no-netrc"))
-    command = [
-        sys.executable, "-m", "vlm.cli.train",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        "data=webdataset", f"data.urls=[{','.join(urls)}]",
-        "data.batch_size=4", "data.max_seq_length=512", "data.num_workers=1", "data.shuffle_buffer=0",
-        "trainer.max_steps=2", "trainer.enable_progress_bar=false", "calibration.measure=false", "logger=csv",
-    ]  # fmt: skip
-    done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = train_on_shards(tmp_path, urls, "data.max_seq_length=512", "trainer.enable_progress_bar=false")
     assert metrics["status"] == "completed" and metrics["steps"] == 2
     assert metrics["total_samples"] == n_samples
     assert not any(metrics["skipped_samples"].values())  # so every sample of every shard was trained on

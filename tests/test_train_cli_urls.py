@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from composing import train_on_shards
 
 from vlm.data.demo import demo_samples
 from vlm.data.encoding import REASON_TOO_LONG
@@ -30,20 +26,9 @@ def test_a_list_of_shards_on_the_command_line_trains_on_every_shard_of_it(tmp_pa
     # order, so A's skip travels to the main process with B's first sample.
     (shard_a,) = write_shards([too_long_to_learn("a-too-long")], tmp_path / "shards", "a", 10)
     (shard_b,) = write_shards(demo_samples(4, 0, 32), tmp_path / "shards", "b", 10)
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    env.update(VLM_CACHE_DIR=str(tmp_path / "cache"), NETRC=str(tmp_path / "no-netrc"))
-    command = [
-        sys.executable, "-m", "vlm.cli.train",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        "data=webdataset", f"data.urls=[{shard_a},{shard_b}]",
-        "data.batch_size=4", f"data.max_seq_length={MAX_SEQ_LENGTH}", "data.num_workers=1", "data.shuffle_buffer=0",
-        "trainer.max_steps=2", "trainer.val_check_interval=1",
-        "calibration.measure=false", "logger=csv",
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = train_on_shards(
+        tmp_path, [shard_a, shard_b], f"data.max_seq_length={MAX_SEQ_LENGTH}", "trainer.val_check_interval=1"
+    )
     assert metrics["status"] == "completed" and metrics["steps"] == 2
     assert metrics["total_samples"] == 8  # two batches of B's four samples
     assert metrics["skipped_samples"].get(REASON_TOO_LONG, 0) >= 1  # A's sample, read and skipped

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 
 from vlm.data.collate import collate
-from vlm.data.encoding import IGNORE_INDEX, ConversationEncoder
+from vlm.data.encoding import ConversationEncoder
 from vlm.data.records import Sample
 from vlm.eval.answers import AnswerGenerator, GenerationSettings, question_of
 from vlm.eval.metrics import exact_match, token_f1
 from vlm.eval.samples import EvalSet
 from vlm.models.families import ModelFamily
+from vlm.training.loss_tally import LossTally
 
 # Lightning's mixed precisions and the autocast dtype each runs validation under.
 _AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -88,39 +89,6 @@ def perplexity(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return math.inf
-
-
-def supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """Tokens a causal-LM loss averages over: ``labels != -100`` after the one-token shift (as training counts them)."""
-    return (labels[..., 1:] != IGNORE_INDEX).sum()
-
-
-class LossTally:
-    """The token-weighted sum of batch losses and the token count, summed in float64 on the device
-    (no host sync per batch); a batch without supervised tokens (loss NaN) adds nothing."""
-
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
-        self.count: torch.Tensor | None = None
-
-    def add(self, loss: torch.Tensor, labels: torch.Tensor) -> None:
-        loss = loss.detach().float()
-        count = supervised_tokens(labels).to(loss.device)
-        weighted = torch.where(count > 0, loss * count, torch.zeros_like(loss))
-        if self.total is None:
-            dtype = torch.float32 if loss.device.type == "mps" else torch.float64
-            self.total = torch.zeros((), dtype=dtype, device=loss.device)
-            self.count = torch.zeros((), dtype=dtype, device=loss.device)
-        self.total += weighted.to(self.total.dtype)
-        self.count += count.to(self.count.dtype)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.count.item()) if self.count is not None else 0
-
-    @property
-    def mean(self) -> float:
-        return float((self.total / self.count).item()) if self.tokens else math.nan
 
 
 def autocast_for(precision: str, device: str) -> contextlib.AbstractContextManager:
@@ -222,12 +190,10 @@ def _mean(values: list[float]) -> float:
 __all__ = [
     "Batching",
     "JudgedAnswer",
-    "LossTally",
     "ModelScores",
     "ScoringSettings",
     "autocast_for",
     "batch_loss",
     "perplexity",
     "score_model",
-    "supervised_tokens",
 ]

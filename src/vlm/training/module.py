@@ -15,9 +15,9 @@ from hydra.utils import get_object
 from torch.nn import Parameter
 from torch.optim import Optimizer
 
-from vlm.data.encoding import IGNORE_INDEX
 from vlm.errors import ConfigError
 from vlm.training.distributed import clean_name, is_fsdp, same_on_every_rank, uses_fsdp
+from vlm.training.loss_tally import LossTally, supervised_token_count
 from vlm.training.optim import LRScheduleConfig, cosine_with_warmup
 from vlm.training.plain import plain, qualified_name
 from vlm.training.resume import describe_differences
@@ -27,11 +27,6 @@ __all__ = ["VisionLanguageFineTuner", "supervised_token_count"]
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[Parameter]], Optimizer]
-
-
-def supervised_token_count(labels: torch.Tensor) -> torch.Tensor:
-    """Tokens a causal-LM loss averages over: ``labels != -100`` after the one-token shift."""
-    return (labels[..., 1:] != IGNORE_INDEX).sum()
 
 
 # --------------------------------------------------------------------------- hparams helpers
@@ -111,8 +106,7 @@ class VisionLanguageFineTuner(lightning.LightningModule):
         )
         # Checkpoints hold only trainable weights, so loading them must not demand the rest.
         self.strict_loading = False
-        self._val_loss_sum: torch.Tensor | None = None
-        self._val_token_count: torch.Tensor | None = None
+        self._val_loss = LossTally()
         self._ranks_checked = False
 
     # ------------------------------------------------------------------ forward / steps
@@ -172,28 +166,18 @@ class VisionLanguageFineTuner(lightning.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_loss_sum = None
-        self._val_token_count = None
+        self._val_loss = LossTally()
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        loss = self._loss(batch).detach().float()
-        count = supervised_token_count(batch["labels"]).to(loss.device)
-        # A batch without supervised tokens has loss NaN (0/0): it contributes nothing.
-        weighted = torch.where(count > 0, loss * count, torch.zeros_like(loss))
-        if self._val_loss_sum is None:
-            dtype = torch.float32 if loss.device.type == "mps" else torch.float64
-            self._val_loss_sum = torch.zeros((), dtype=dtype, device=loss.device)
-            self._val_token_count = torch.zeros((), dtype=dtype, device=loss.device)
-        # Accumulated on the device: no host sync per batch.
-        self._val_loss_sum += weighted.to(self._val_loss_sum.dtype)
-        self._val_token_count += count.to(self._val_token_count.dtype)
-        return loss
+        loss = self._loss(batch)
+        self._val_loss.add(loss, batch["labels"])
+        return loss.detach().float()
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_loss_sum is None:
+        if self._val_loss.total is None:
             return
-        total = self._val_loss_sum.clone()
-        count = self._val_token_count.clone()
+        total = self._val_loss.total.clone()
+        count = self._val_loss.count.clone()
         if self.trainer.world_size > 1:
             total = self.trainer.strategy.reduce(total, reduce_op="sum")
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
@@ -203,8 +187,7 @@ class VisionLanguageFineTuner(lightning.LightningModule):
         distributed = self.trainer.world_size > 1
         self.log("val/loss", val_loss.float(), prog_bar=True, on_step=False, on_epoch=True, sync_dist=distributed)
         self.log("val/tokens", count.float(), on_step=False, on_epoch=True, sync_dist=distributed)
-        self._val_loss_sum = None
-        self._val_token_count = None
+        self._val_loss = LossTally()
 
     # ------------------------------------------------------------------ ranks
     def setup(self, stage: str) -> None:

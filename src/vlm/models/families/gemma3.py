@@ -70,7 +70,9 @@ class Gemma3(ModelFamily):
         )
         return transformers.Gemma3Config(
             text_config=text,
-            vision_config=self.tiny_vit_config(self.patch_size, model_type="siglip_vision_model", vision_use_head=False),
+            vision_config=self.tiny_vit_config(
+                self.patch_size, model_type="siglip_vision_model", vision_use_head=False
+            ),
             mm_tokens_per_image=self.tokens_per_image,
             boi_token_index=token_ids["<start_of_image>"],
             eoi_token_index=token_ids["<end_of_image>"],

@@ -9,46 +9,30 @@ import transformers
 
 from vlm.quant.policies import ModelParts
 
-from .base import LLAMA_STYLE_LINEARS, ModelFamily, image_only, image_processor
-from .qwen2_vl import Qwen2VL
+from .base import image_only, image_processor
+from .qwen2_vl import CHATML_GENERATION_PROMPT, CHATML_TURN, Qwen2VL
 
 # ChatML turns as in Qwen3-VL's own template: no default system turn (Qwen2-VL's adds one); an
 # image is <|vision_start|><|image_pad|><|vision_end|>, <|image_pad|> repeated per merged patch.
-QWEN3_VL_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+QWEN3_VL_CHAT_TEMPLATE = "{% for message in messages %}" + CHATML_TURN + "{% endfor %}" + CHATML_GENERATION_PROMPT
 
 # Qwen3-VL's processor insists on a video processor (torchvision); images need only these two.
 Qwen3VLProcessor = image_only(transformers.Qwen3VLProcessor, __name__)
 
 
-class Qwen3VL(ModelFamily):
+class Qwen3VL(Qwen2VL):
+    """Laid out as Qwen2-VL, with the same special tokens and image processor, at 16-pixel patches."""
+
     model_type = "qwen3_vl"
     model_class_name = "Qwen3VLForConditionalGeneration"
     processor_class_name = "Qwen3VLProcessor"
     image_only_processor = Qwen3VLProcessor
-    image_token = "<|image_pad|>"
-    vision_tower = "model.visual"
-    projector = "model.visual.merger"
     # DeepStack: the features of some ViT layers reach the first decoder layers through mergers of
     # their own, which bridge vision and language as the final merger does.
     deepstack_projectors = "model.visual.deepstack_merger_list"
-    lora_targets = rf"model\.language_model\.layers\.\d+\.{LLAMA_STYLE_LINEARS}"
-    tiny_eos = "<|im_end|>"
-    tiny_pad = "<|endoftext|>"
-    tiny_extra_special_tokens = ("<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
     tiny_chat_template = QWEN3_VL_CHAT_TEMPLATE
 
     patch_size = 16
-    merge_size = 2
 
     @property
     def parts(self) -> ModelParts:
@@ -85,10 +69,6 @@ class Qwen3VL(ModelFamily):
             ),
             **self.vision_token_ids(token_ids),
         )
-
-    # The same special tokens and image processor as Qwen2-VL, at Qwen3-VL's 16-pixel patches.
-    vision_token_ids = Qwen2VL.vision_token_ids
-    tiny_processor = Qwen2VL.tiny_processor
 
     # ---- the full-size architecture (scripts/bench_step.py) -------------------------------------
     def full_size_config(self, token_ids: dict[str, int], vocab_size: int = 151936) -> transformers.PretrainedConfig:
