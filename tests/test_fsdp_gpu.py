@@ -38,7 +38,7 @@ def qlora(checkpoint: str, family_name: str, quant: QuantConfig):
 def units_of(model: torch.nn.Module, layer_classes: frozenset[type]) -> dict[str, set[torch.dtype]]:
     """FSDP unit (the name of its module, '' for the root) → the dtypes of the weights it flattens:
     each parameter belongs to the innermost unit around it."""
-    from vlm.training.distributed import is_fsdp_unit
+    from vlm.training.fsdp import is_fsdp_unit
 
     units = {name for name, module in model.named_modules() if name and is_fsdp_unit(module, layer_classes)}
     dtypes: dict[str, set[torch.dtype]] = {"": set()}
@@ -106,8 +106,9 @@ def test_the_fsdp_config_shards_and_refuses_what_fsdp_cannot_shard(tmp_path):
     with pytest.raises(ValueError, match=r"quant\.method=int8"):
         QuantConfig(method="int8").for_strategy(shards_parameters=True)
 
-    from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import MixedPrecision
+
+    from vlm.training.fsdp import QLoRAFSDPStrategy
 
     family = get_family("mllama")
     from vlm.data.demo import DEMO_VOCABULARY
@@ -116,22 +117,51 @@ def test_the_fsdp_config_shards_and_refuses_what_fsdp_cannot_shard(tmp_path):
     checkpoint = build_tiny_checkpoint(family, tmp_path / "mllama", DEMO_VOCABULARY)
     skeleton = model_skeleton(family, load_config(str(checkpoint), family))
     strategy = build_strategy(fsdp.trainer, family, skeleton)
-    assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["use_orig_params"] is True
+    assert isinstance(strategy, QLoRAFSDPStrategy) and strategy.kwargs["use_orig_params"] is True
     assert strategy.mixed_precision == MixedPrecision()  # no casting: the packed weights stay as stored
     assert {c.__name__ for c in family.decoder_layer_classes(skeleton)} == {
         "MllamaSelfAttentionDecoderLayer", "MllamaCrossAttentionDecoderLayer"}
 
 
+def test_the_fsdp_strategy_resumes_only_what_it_wrote_with_as_many_ranks():
+    from vlm.errors import ConfigError
+    from vlm.training.fsdp import QLoRAFSDPStrategy
+
+    with pytest.raises(ConfigError, match="state_dict_type=sharded"):
+        QLoRAFSDPStrategy(state_dict_type="sharded")
+    strategy = QLoRAFSDPStrategy()  # a world of one here
+    weight = torch.nn.Parameter(torch.randn(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    weight.grad = torch.randn(3)
+    optimizer.step()
+    strategy.optimizers = [optimizer]
+    written = strategy.optimizer_state(optimizer)
+    assert len(written["per_rank"]) == 1 and written["per_rank"][0]["state"][0]["exp_avg"].device.type == "cpu"
+
+    with pytest.raises(ConfigError, match=r"sharded over 2 ranks and this run has 1: resume with trainer\.devices=2"):
+        strategy.load_optimizer_state_dict({"optimizer_states": [{"per_rank": [written["per_rank"][0]] * 2}]})
+    with pytest.raises(ConfigError, match="not written by trainer=fsdp"):
+        strategy.load_optimizer_state_dict({"optimizer_states": [optimizer.state_dict()]})
+    with pytest.raises(ConfigError, match="2 optimizer states and this run has 1"):
+        strategy.load_optimizer_state_dict({"optimizer_states": [written, written]})
+
+    fresh = torch.optim.AdamW([torch.nn.Parameter(weight.detach().clone())], lr=0.1)
+    strategy.optimizers = [fresh]
+    strategy.load_optimizer_state_dict({"optimizer_states": [written]})
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+
 # --------------------------------------------------------------------------- on GPUs
-def train(tmp_path: Path, name: str, *overrides: str) -> Path:
-    """``python -m vlm.cli.train`` of the tiny Qwen2-VL on 32 demo samples read in order, bf16-mixed."""
+def train(tmp_path: Path, name: str, *overrides: str, validate_every: int = STEPS) -> Path:
+    """``python -m vlm.cli.train`` of the tiny Qwen2-VL on 32 demo samples read in order, bf16-mixed,
+    validated and checkpointed every ``validate_every`` steps."""
     run = tmp_path / name
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "TRITON_INTERPRET")}
     command = [
         sys.executable, "-m", "vlm.cli.train",
         f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}",
         "demo_data.n_train=32", "demo_data.n_val=16", "data.num_workers=0", "data.shuffle_buffer=0",
-        f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}", "trainer.log_every_n_steps=1",
+        f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={validate_every}", "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false", "trainer.precision=bf16-mixed", "logger=csv", "callbacks=default",
         # The same optimizer whatever the strategy (bitsandbytes' paged one is not what is compared here).
         "optimizer.paged_8bit=false",
@@ -165,36 +195,58 @@ def one_gpu(tmp_path_factory):
     return tmp_path, train(tmp_path, "gpu", "trainer=gpu", "trainer.devices=1", "data.batch_size=8")
 
 
+@pytest.fixture(scope="module")
+def fsdp_one_gpu(one_gpu):
+    """FSDP as a world of one on the same data, checkpointed after steps 2 and 4."""
+    tmp_path, _ = one_gpu
+    return train(tmp_path, "fsdp1", "trainer=fsdp", "trainer.devices=1", "data.batch_size=8", validate_every=2)
+
+
 @pytest.mark.gpu
-@pytest.mark.xfail(
-    strict=True,
-    reason="on an H200 (torch 2.11) the first checkpoint fails: FSDP's full state dict of the PEFT-wrapped "
-    "model lacks the parameters of the vision tower that its root unit holds",
-)
-def test_fsdp_on_one_gpu_trains_the_adapter_one_gpu_trains(one_gpu):
+def test_fsdp_on_one_gpu_trains_the_adapter_one_gpu_trains(one_gpu, fsdp_one_gpu):
     """FSDP as a world of one (it shards nothing then, but the model is cut into its units, the
     4-bit weights are stored as bf16, and gradients are clipped and the adapter gathered by FSDP):
-    the same computation in the same order as the plain run, bf16 autocast in both, so the
-    adapters agree up to bf16 rounding that Adam magnifies on near-zero gradient entries. Asserted:
-    losses to 1e-2 relative, adapters to 5e-2 (relative norm of their difference)."""
-    tmp_path, plain = one_gpu
-    fsdp = train(tmp_path, "fsdp1", "trainer=fsdp", "trainer.devices=1", "data.batch_size=8")
+    the same computation in the same order as the plain run, bf16 autocast in both. On an H200 the
+    adapters are bitwise equal; asserted: losses to 1e-3 relative, adapters to 1e-4 (relative norm
+    of their difference), so that a GPU whose atomics round differently from run to run passes."""
+    _, plain = one_gpu
+    fsdp = fsdp_one_gpu
     got, expected = metrics(fsdp), metrics(plain)
-    assert got["status"] == "completed" and got["strategy"] == "FSDPStrategy"
+    assert got["status"] == "completed" and got["strategy"] == "QLoRAFSDPStrategy"
     assert got["initial_val_loss"] == pytest.approx(expected["initial_val_loss"], rel=1e-3)
-    assert got["final_val_loss"] == pytest.approx(expected["final_val_loss"], rel=1e-2)
+    assert got["final_val_loss"] == pytest.approx(expected["final_val_loss"], rel=1e-3)
     assert got["final_val_loss"] < 0.8 * got["initial_val_loss"]
-    assert got["last_train_loss"] == pytest.approx(expected["last_train_loss"], rel=1e-2)
-    assert relative(adapter(fsdp), adapter(plain)) < 5e-2
+    assert got["last_train_loss"] == pytest.approx(expected["last_train_loss"], rel=1e-3)
+    assert relative(adapter(fsdp), adapter(plain)) < 1e-4
+    # Written as PEFT writes an adapter: the same config, the weights under the same names.
+    configs = [json.loads((run / "adapter" / "adapter_config.json").read_text()) for run in (fsdp, plain)]
+    for config in configs:
+        config["target_modules"] = set(config["target_modules"])  # a set, written in any order
+    assert configs[0] == configs[1]
     # The checkpoint holds the LoRA weights alone, gathered whole: the adapter's, by their module names.
     checkpoint = torch.load(fsdp / "checkpoints" / "last.ckpt", weights_only=True)
     state = {k.removeprefix("model.").replace(".default", ""): v for k, v in checkpoint["state_dict"].items()}
     assert checkpoint["vlm_trainable_only"] and relative(state, adapter(fsdp)) == 0.0
+    assert [len(s["per_rank"]) for s in checkpoint["optimizer_states"]] == [1]  # each rank's optimizer state
+
+
+@pytest.mark.gpu
+def test_an_fsdp_run_resumed_from_its_step_2_checkpoint_ends_with_the_adapter_of_the_whole_run(one_gpu, fsdp_one_gpu):
+    """The checkpoint reloads into the shards: LoRA weights, each rank's optimizer state, schedule and
+    data position, so steps 3 and 4 after the reload give the adapter the uninterrupted run ended
+    with (bitwise on an H200; asserted to 1e-4 for GPUs whose atomics vary from run to run, where a
+    lost optimizer state or LoRA weight differs by orders of magnitude more)."""
+    tmp_path, _ = one_gpu
+    checkpoint = fsdp_one_gpu / "checkpoints" / "step-000002.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 2
+    resumed = train(tmp_path, "fsdp1-resumed", "trainer=fsdp", "trainer.devices=1", "data.batch_size=8",
+                    f"ckpt_path={checkpoint}", validate_every=2)
+    assert metrics(resumed)["status"] == "completed"
+    assert relative(adapter(resumed), adapter(fsdp_one_gpu)) < 1e-4
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-@pytest.mark.xfail(strict=True, reason="the same first-checkpoint failure as on one GPU")
 def test_fsdp_on_two_gpus_of_batch_4_trains_as_one_gpu_of_batch_8(one_gpu):
     """Each GPU holds half of the 4-bit weights; the global batch is the single run's (see
     tests/test_ddp.py for why, and for the weighting of the ranks' losses)."""

@@ -264,9 +264,9 @@ def shards_parameters(trainer_cfg: DictConfig) -> bool:
 
 def build_strategy(trainer_cfg: DictConfig, family: ModelFamily, model: Any) -> Any | None:
     """``trainer.strategy`` built with what FSDP needs for this model (its units: the family's
-    decoder layers and the LoRA matrices, see :func:`vlm.training.distributed.fsdp_arguments`)
+    decoder layers and the LoRA matrices, see :func:`vlm.training.fsdp.fsdp_arguments`)
     where the config leaves them out; ``None`` leaves the strategy to the Trainer's config."""
-    from vlm.training.distributed import fsdp_arguments
+    from vlm.training.fsdp import fsdp_arguments
 
     if not shards_parameters(trainer_cfg):
         return None

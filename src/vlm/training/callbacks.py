@@ -17,7 +17,8 @@ import lightning
 import torch
 
 from vlm.quant.bnb_layers import quantized_layer_names
-from vlm.training.distributed import full_trainable_state, gather_per_rank
+from vlm.training.distributed import gather_per_rank
+from vlm.training.fsdp import save_adapter
 from vlm.training.plain import plain
 
 __all__ = [
@@ -412,15 +413,9 @@ class RunSummary(lightning.Callback):
             self._train_time_fallback = time.perf_counter() - self._train_t0
         # Collectives on several ranks: every rank takes part, rank 0 writes.
         self._ranks = gather_per_rank(trainer, self._rank_totals(trainer, pl_module))
-        model = getattr(pl_module, "model", pl_module)
-        state = full_trainable_state(trainer, model)  # FSDP: the LoRA weights whole, on rank 0
+        if save_adapter(trainer, getattr(pl_module, "model", pl_module), self.adapter_dir):
+            self._adapter_dir = self.adapter_dir
         if trainer.is_global_zero:
-            if hasattr(model, "save_pretrained"):
-                extra = {"state_dict": state} if state is not None else {}
-                model.save_pretrained(str(self.adapter_dir), safe_serialization=True, **extra)
-                self._adapter_dir = self.adapter_dir
-            else:
-                log.warning("RunSummary: %s has no save_pretrained; adapter not saved", type(model).__name__)
             self._write(trainer, pl_module, status="completed")
         self._status = "completed"
 

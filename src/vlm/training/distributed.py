@@ -1,7 +1,7 @@
 """What a run spread over several processes needs beyond Lightning's strategies: which process is
-the first before any process group exists, per-rank numbers gathered for the run summary, and the
-FSDP settings a QLoRA model needs (its units, no casting of the packed 4-bit weights, the
-trainable weights gathered whole for saving).
+the first before any process group exists, per-rank numbers gathered for the run summary, and
+parameter names without the wrappers of FSDP and activation checkpointing (FSDP itself:
+:mod:`vlm.training.fsdp`).
 
 Lightning starts the other ranks of a one-node run by running the same command again in child
 processes (``LOCAL_RANK`` set), once training starts; SLURM and ``torchrun`` start every rank at
@@ -14,14 +14,19 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import lightning
 import torch
-from torch import nn
 
 # Segments that FSDP and activation checkpointing insert into parameter names.
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name without the wrappers FSDP and activation checkpointing put around modules."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
 
 
 def is_first_process(environ: Mapping[str, str] | None = None) -> bool:
@@ -81,83 +86,6 @@ def _all_gather(trainer: lightning.Trainer, tensor: torch.Tensor) -> torch.Tenso
     parts = [torch.empty_like(local) for _ in range(trainer.world_size)]
     dist.all_gather(parts, local)
     return torch.stack(parts).cpu()
-
-
-# --------------------------------------------------------------------------- FSDP
-def uses_fsdp(trainer: lightning.Trainer) -> bool:
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return isinstance(trainer.strategy, FSDPStrategy)
-
-
-def clean_name(name: str) -> str:
-    """A parameter's name without the wrappers FSDP and activation checkpointing put around modules."""
-    for segment in WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    return name
-
-
-def is_fsdp_unit(module: nn.Module, layer_classes: frozenset[type]) -> bool:
-    """Whether FSDP makes ``module`` a unit of its own: a decoder layer (of ``layer_classes``), or a
-    leaf module with a trainable weight (each LoRA matrix)."""
-    if isinstance(module, tuple(layer_classes)):
-        return True
-    weight = getattr(module, "weight", None)
-    return next(module.children(), None) is None and isinstance(weight, nn.Parameter) and weight.requires_grad
-
-
-def fsdp_units(layer_classes: frozenset[type]) -> Any:
-    """The FSDP auto-wrap policy of a QLoRA model (:func:`is_fsdp_unit`).
-
-    FSDP flattens a unit's parameters into one tensor, which must have one dtype: the frozen
-    weights of a decoder layer (the packed 4-bit ones stored as bf16, norms and 16-bit layers in
-    bf16) share one, the fp32 LoRA matrices another; with units of their own they never mix. What
-    is left (embeddings, vision tower, output head, all frozen) forms the root unit.
-    """
-    from torch.distributed.fsdp.wrap import CustomPolicy
-
-    return CustomPolicy(lambda module: is_fsdp_unit(module, layer_classes))
-
-
-def fsdp_arguments(layer_classes: frozenset[type]) -> dict[str, Any]:
-    """What :class:`~lightning.pytorch.strategies.FSDPStrategy` is given for a QLoRA model besides
-    its config: the units (:func:`fsdp_units`) and a mixed precision that casts no parameter.
-
-    FSDP's own mixed precision would cast every unit's flat parameter to one dtype, the packed
-    4-bit weights included, whose bytes are not numbers. Without it the LoRA weights stay fp32
-    (master and compute copy), and the run's ``bf16-mixed`` autocast computes in bf16 as it does
-    on one GPU. Activations are checkpointed per decoder layer by the model itself
-    (``model.gradient_checkpointing``), inside each unit, as on one GPU.
-    """
-    from torch.distributed.fsdp import MixedPrecision
-
-    return {"auto_wrap_policy": fsdp_units(layer_classes), "mixed_precision": MixedPrecision()}
-
-
-def is_fsdp(module: nn.Module) -> bool:
-    """Whether ``module`` is wrapped by FSDP (as :meth:`VisionLanguageFineTuner.configure_model` wraps the model)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return isinstance(module, FullyShardedDataParallel)
-
-
-def full_trainable_state(trainer: lightning.Trainer, module: nn.Module) -> dict[str, torch.Tensor] | None:
-    """Where ``module`` is wrapped by FSDP: its trainable parameters gathered whole onto rank 0's
-    CPU, by their names within the wrapped module (the PEFT model's, for ``save_pretrained``);
-    ``None`` on the other ranks and without FSDP (each rank then holds them whole already).
-
-    A collective under FSDP: every rank must call it.
-    """
-    if not is_fsdp(module):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    state = get_model_state_dict(module, options=options)
-    if not trainer.is_global_zero:
-        return None
-    trainable = {clean_name(name) for name, p in module.named_parameters() if p.requires_grad}
-    return {name: value for name, value in state.items() if name in trainable}
 
 
 @contextmanager

@@ -26,6 +26,7 @@ import torch
 from vlm.data.datamodule import expand_urls
 from vlm.data.stream import sample_stream
 from vlm.eval.answers import Answer, AnswerGenerator, GenerationSettings, Question, question_of, shown
+from vlm.training.fsdp import uses_fsdp
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,7 @@ class ValidationAnswers(lightning.Callback):
     def on_fit_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        if isinstance(trainer.strategy, FSDPStrategy):
+        if uses_fsdp(trainer):
             # Each rank holds a shard of the weights: one rank cannot decode alone.
             log.info("the weights are sharded (FSDP): no answers are generated while training")
             return

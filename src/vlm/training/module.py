@@ -16,7 +16,8 @@ from torch.nn import Parameter
 from torch.optim import Optimizer
 
 from vlm.errors import ConfigError
-from vlm.training.distributed import clean_name, is_fsdp, same_on_every_rank, uses_fsdp
+from vlm.training.distributed import clean_name, same_on_every_rank
+from vlm.training.fsdp import is_fsdp, uses_fsdp
 from vlm.training.loss_tally import LossTally, supervised_token_count
 from vlm.training.optim import LRScheduleConfig, cosine_with_warmup
 from vlm.training.plain import plain, qualified_name
