@@ -68,6 +68,13 @@ def test_nothing_below_the_entry_points_imports_them(folder):
     assert {file: found for file, found in offenders.items() if found} == {}
 
 
+def test_only_the_bench_entry_point_and_scripts_import_the_bench():
+    allowed = {ROOT / "src/vlm/cli/bench.py"}
+    offenders = {str(p.relative_to(ROOT)): sorted(m for m in imports_of(p) if m.startswith("vlm.bench"))
+                 for p in python_files(ROOT / "src/vlm") if p not in allowed and "bench" not in p.parts}
+    assert {file: found for file, found in offenders.items() if found} == {}
+
+
 @pytest.mark.parametrize("folder, above", [("src/vlm/quant", ("vlm.models", "vlm.data", "vlm.training", "vlm.build")),
                                            ("src/vlm/models", ("vlm.training", "vlm.data", "vlm.build")),
                                            ("src/vlm/data", ("vlm.models", "vlm.training", "vlm.build")),

@@ -1,0 +1,88 @@
+"""What one recipe's run is measured by: the median step after warm-up, tokens/s, peak allocated
+and reserved memory, weight memory, the first losses, and the warm-up time.
+
+Every step is bracketed by device synchronisation, so a step's time is its whole cost, host and GPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class StepLog:
+    """Wall time and loss of each step, in order."""
+
+    times: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    recipe: str
+    family: str
+    tokens: int
+    batch_size: int
+    status: str  # ok | out of memory | unavailable | failed
+    reason: str = ""
+    step_s: float | None = None
+    tokens_per_s: float | None = None
+    peak_allocated_GB: float | None = None
+    peak_reserved_GB: float | None = None
+    weights_GB: float | None = None
+    warmup_s: float | None = None
+    build_s: float | None = None
+    first_losses: tuple[float, ...] = ()
+    times: tuple[float, ...] = ()
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(log: StepLog, warmup: int, tokens_per_step: int) -> dict:
+    """The timing fields of a :class:`Measurement` from ``log``: the median of the steps after the
+    first ``warmup`` (or of all, where there are no more), and the warm-up's total time."""
+    timed = log.times[warmup:] or log.times
+    step = statistics.median(timed)
+    return {
+        "step_s": round(step, 4),
+        "tokens_per_s": round(tokens_per_step / step, 1),
+        "warmup_s": round(sum(log.times[:warmup]), 3),
+        "first_losses": tuple(round(loss, 4) for loss in log.losses[:5]),
+        "times": tuple(round(t, 4) for t in log.times),
+    }
+
+
+def memory_fields(device: str, weights_bytes: int | None) -> dict:
+    if device != "cuda":
+        return {"weights_GB": None if weights_bytes is None else round(weights_bytes / 1e9, 3)}
+    return {
+        "peak_allocated_GB": round(torch.cuda.max_memory_allocated() / 1e9, 3),
+        "peak_reserved_GB": round(torch.cuda.max_memory_reserved() / 1e9, 3),
+        "weights_GB": None if weights_bytes is None else round(weights_bytes / 1e9, 3),
+    }
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_steps(step: Callable[[], torch.Tensor], count: int, device: str) -> StepLog:
+    """Run ``step`` (one optimizer step; returns its loss, not yet read) ``count`` times, each timed
+    whole; the loss is read after the timing, so that reading it adds no host sync to the step."""
+    import time
+
+    log = StepLog()
+    for _ in range(count):
+        synchronize(device)
+        start = time.perf_counter()
+        loss = step()
+        synchronize(device)
+        log.times.append(time.perf_counter() - start)
+        log.losses.append(float(loss))
+    return log

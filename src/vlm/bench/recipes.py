@@ -1,0 +1,245 @@
+"""How each recipe builds and runs its training step on a :class:`~vlm.bench.work.BenchWork`.
+
+- ``standard``: Transformers + PEFT + bitsandbytes as their documentation shows it: NF4 with double
+  quantization (``lm_head`` kept), ``prepare_model_for_kbit_training`` with (non-reentrant) gradient
+  checkpointing, LoRA r16 (alpha 16) on the language model's attention and MLP, AdamW 8-bit, in
+  training mode.
+- ``liger``: the standard recipe with Liger-Kernel's patches for the family applied first.
+- ``unsloth``: Unsloth's ``FastVisionModel`` in 4 bits, its own checkpointing, the same LoRA.
+- ``ours``: this framework's ``VisionLanguageFineTuner`` step run by a Lightning ``Trainer``, built as
+  ``vlm-train`` builds it from the train config and the user's overrides (kernels, quantization,
+  checkpointing, optimizer...). LoRA r16 alpha 16 unless overridden.
+
+Each runs in a process of its own (:mod:`vlm.bench.worker`): peak memory is per process, and Unsloth
+patches transformers when imported. A peer that is not installed raises :class:`Unavailable`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+
+from .measure import StepLog, synchronize, timed_steps
+from .work import BenchWork
+
+RECIPES = ("standard", "unsloth", "liger", "ours")
+LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LEARNING_RATE = 2e-4
+
+
+class Unavailable(Exception):
+    """The recipe cannot run here (its library is missing, or cannot load the family)."""
+
+
+def run_recipe(name: str, work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], steps: int,
+               overrides: Sequence[str] = ()) -> tuple[StepLog, int | None, float]:
+    """Build recipe ``name`` and run ``steps`` steps on ``batch``: the step log, the bytes its weights
+    take on the device after loading (``None`` where unknown), and the build time in seconds."""
+    if name == "ours":
+        return run_ours(work, checkpoint, batch, steps, overrides)
+    if overrides:
+        raise ValueError(f"overrides {list(overrides)} configure this framework's recipe only")
+    started = time.perf_counter()
+    if name == "unsloth":
+        model, weights = build_unsloth(work, checkpoint)
+    elif name in ("standard", "liger"):
+        if name == "liger":
+            apply_liger(work.family)
+        model, weights = build_standard(work, checkpoint)
+    else:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    optimizer = eight_bit_adamw([p for p in model.parameters() if p.requires_grad], work.device)
+    built = time.perf_counter() - started
+    model.train()
+
+    def step() -> torch.Tensor:
+        # As the peers document their recipes: the bf16 model as loaded, no autocast (which, around
+        # PEFT's reentrant checkpointing, fails the second backward).
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return timed_steps(step, steps, work.device), weights, built
+
+
+def device_bytes(device: str) -> int | None:
+    if device != "cuda":
+        return None
+    synchronize(device)
+    return torch.cuda.memory_allocated()
+
+
+def eight_bit_adamw(params: list[torch.nn.Parameter], device: str) -> torch.optim.Optimizer:
+    if device != "cuda":
+        return torch.optim.AdamW(params, lr=LEARNING_RATE)  # bitsandbytes' 8-bit optimizers need a GPU
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, lr=LEARNING_RATE)
+
+
+def lora_target_pattern() -> str:
+    return rf".*language_model.*\.({'|'.join(LM_TARGETS)})"
+
+
+# --------------------------------------------------------------------------- the peers
+def build_standard(work: BenchWork, checkpoint: Path) -> tuple[torch.nn.Module, int | None]:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    from vlm.models.families import get_family
+
+    family = get_family(work.family)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["lm_head"],
+    )
+    model = family.model_class.from_pretrained(
+        str(checkpoint), dtype=torch.bfloat16, device_map=work.device, quantization_config=quantization,
+    )
+    weights = device_bytes(work.device)
+    # Non-reentrant, as transformers recommends: reentrant checkpointing cannot train Mllama (its
+    # cross-attention states reach each checkpointed layer as a keyword argument, so the first
+    # layer's backward frees the graph the next one needs).
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=lora_target_pattern())), weights
+
+
+def apply_liger(family_name: str) -> None:
+    try:
+        import liger_kernel.transformers as liger
+    except ImportError as error:
+        raise Unavailable(f"liger-kernel is not installed ({error})") from None
+    patch = getattr(liger, f"apply_liger_kernel_to_{family_name}", None)
+    if patch is None:
+        raise Unavailable(f"liger-kernel {getattr(liger, '__version__', '')} has no patches for {family_name}")
+    patch()
+
+
+def build_unsloth(work: BenchWork, checkpoint: Path) -> tuple[torch.nn.Module, int | None]:
+    if work.device != "cuda":
+        raise Unavailable("Unsloth needs a GPU")
+    try:
+        from unsloth import FastVisionModel
+    except ImportError as error:
+        raise Unavailable(f"unsloth is not installed ({error})") from None
+    model, _ = FastVisionModel.from_pretrained(
+        str(checkpoint), load_in_4bit=True, use_gradient_checkpointing="unsloth", max_seq_length=work.tokens,
+        local_files_only=True,
+    )
+    weights = device_bytes(work.device)
+    model = FastVisionModel.get_peft_model(
+        model, finetune_vision_layers=False, finetune_language_layers=True, finetune_attention_modules=True,
+        finetune_mlp_modules=True, r=16, lora_alpha=16, lora_dropout=0, bias="none",
+        use_gradient_checkpointing="unsloth", random_state=0,
+    )
+    FastVisionModel.for_training(model)
+    return model, weights
+
+
+# --------------------------------------------------------------------------- this framework
+def compose_train_config(work: BenchWork, checkpoint: Path, overrides: Sequence[str]) -> Any:
+    """The train config ``vlm-train`` would run with ``overrides`` on the bench checkpoint."""
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+
+    from vlm.configs import config_dir, register_resolvers
+    from vlm.models.families import get_family
+
+    register_resolvers()
+    scratch = tempfile.mkdtemp(prefix="vlm-bench-")
+    model = f"tiny_{work.family}" if work.smoke else _full_size_model_config(work.family)
+    base = [
+        f"model={model}", f"model.checkpoint={checkpoint}", f"model.family={get_family(work.family).model_type}",
+        f"trainer={'cpu' if work.smoke else 'gpu'}", "lora.r=16", "lora.alpha=16", "logger=csv",
+        f"paths.output_dir={scratch}", f"paths.cache_dir={scratch}/cache", "calibration.measure=false",
+    ]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("train", overrides=[*base, *overrides])
+
+
+def _full_size_model_config(family_name: str) -> str:
+    from omegaconf import OmegaConf
+
+    from vlm.configs import config_dir
+
+    for path in sorted((config_dir() / "model").glob("*.yaml")):
+        if not path.stem.startswith("tiny_") and OmegaConf.load(path).get("family") == family_name:
+            return path.stem
+    raise Unavailable(f"no conf/model config of family {family_name}")
+
+
+def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], steps: int,
+             overrides: Sequence[str]) -> tuple[StepLog, int | None, float]:
+    from hydra.utils import instantiate
+
+    from vlm.build.model import ModelRecipe, build_model
+    from vlm.build.planning import plan_checkpoint
+    from vlm.cli.wiring import run_plan
+    from vlm.training.module import VisionLanguageFineTuner
+
+    started = time.perf_counter()
+    cfg = compose_train_config(work, checkpoint, overrides)
+    plan = run_plan(cfg)
+    lightning.seed_everything(plan.seed, verbose=False)
+    planning = plan_checkpoint(str(checkpoint), plan.family, plan.quant, plan.calibration, device=work.device)
+    recipe = ModelRecipe(
+        checkpoint=str(checkpoint), family=plan.family, quant=plan.quant, lora=plan.lora, kernels=plan.kernels,
+        gradient_checkpointing=plan.spec.gradient_checkpointing, device=work.device,
+        attn_implementation=plan.spec.attn_implementation,
+    )
+    built = build_model(recipe, planning)
+    weights = device_bytes(work.device)
+    module = VisionLanguageFineTuner(built.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
+    timer = StepTimer(work.device)
+    trainer = instantiate(
+        cfg.trainer, max_steps=steps, logger=False, callbacks=[timer], enable_checkpointing=False,
+        enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0, val_check_interval=None,
+        check_val_every_n_epoch=None,
+    )
+    loader = torch.utils.data.DataLoader(RepeatedBatch(batch, steps), batch_size=None)
+    build_s = time.perf_counter() - started
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.steps, weights, build_s
+
+
+class RepeatedBatch(torch.utils.data.Dataset):
+    """The same batch ``count`` times, already on its device (the DataLoader adds no work)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], count: int) -> None:
+        self.batch, self.count = batch, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.batch
+
+
+class StepTimer(lightning.Callback):
+    """The wall time of each training batch (forward, backward, optimizer step), device-synchronised,
+    and its loss, read after the timing."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.steps = StepLog()
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        synchronize(self.device)
+        self.steps.times.append(time.perf_counter() - self._start)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.steps.losses.append(float(loss))

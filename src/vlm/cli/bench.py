@@ -1,0 +1,235 @@
+"""``vlm-bench``: the whole training step of this framework and its peers, side by side in one run.
+
+Each recipe (:mod:`vlm.bench.recipes`) runs in a process of its own on the same random-init
+full-size checkpoint and the same batch, at each ``--tokens`` length. Printed as a table per length
+(with each recipe's tokens/s and peak memory against Unsloth's where Unsloth ran), written to
+``--out/bench.json`` with the device, versions and command, and plotted (tokens/s and peak memory
+against sequence length) to ``--out/bench.png``. ``--longest`` then finds each recipe's longest
+trainable sequence by bisection. Overrides after the options configure this framework's recipe as
+they would configure ``vlm-train``:
+
+    vlm-bench --family mllama --tokens 2048 16384 kernels=all
+    vlm-bench --recipes unsloth ours --tokens 2048 --longest --longest-max 131072
+    vlm-bench --smoke                                   # the tiny variant on the CPU, in a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from vlm.bench.recipes import RECIPES
+from vlm.bench.work import BenchWork
+from vlm.bench.worker import RESULT_PREFIX
+from vlm.cli.arguments import positive_int
+
+# LLaVA-1.5 is benchmarked at 2 sequences a step, the setting of the articles the anchors come from.
+DEFAULT_BATCH = {"llava": 2}
+PEER = "unsloth"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vlm-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", default="mllama", help="model family (model_type); default mllama")
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[2048], help="sequence lengths")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default 1 (LLaVA: 2)")
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    parser.add_argument("--steps", type=positive_int, default=8, help="steps per recipe, warm-up included")
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
+    parser.add_argument("--longest", action="store_true", help="bisect each recipe's longest trainable sequence")
+    parser.add_argument("--longest-max", type=positive_int, default=131072)
+    parser.add_argument("--longest-resolution", type=positive_int, default=1024)
+    parser.add_argument("--timeout", type=positive_int, default=1800, help="seconds per recipe process")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    parser.add_argument("--model-dir", default=None, help="where the random-init checkpoint is kept")
+    parser.add_argument("--smoke", action="store_true", help="the family's tiny variant on the CPU")
+    parser.add_argument("overrides", nargs="*", help="train-config overrides for this framework's recipe")
+    args = parser.parse_args(argv)
+    if args.warmup < 0 or args.warmup >= args.steps:
+        parser.error(f"--warmup {args.warmup}: must be at least 0 and below --steps {args.steps}")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        parser.error(f"not an override (key=value): {' '.join(bad)}")
+    return args
+
+
+def run_worker(recipe: str, work: BenchWork, steps: int, warmup: int, overrides: list[str], timeout: int,
+               log_path: Path) -> dict[str, Any]:
+    """One recipe in its own process; its measurement (a failed process is a ``failed`` row)."""
+    spec = {"recipe": recipe, "work": asdict(work), "steps": steps, "warmup": warmup,
+            "overrides": overrides if recipe == "ours" else []}
+    command = [sys.executable, "-m", "vlm.bench.worker", json.dumps(spec)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1", "WANDB_MODE": "disabled"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+        output, error, code = done.stdout, done.stderr, done.returncode
+    except subprocess.TimeoutExpired as expired:
+        output, error, code = _text(expired.stdout), _text(expired.stderr), None
+    with open(log_path, "a") as log:
+        log.write(f"$ {recipe} {work}\n{output}\n{error}\n")
+    for line in reversed(output.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    last = next((line for line in reversed(error.splitlines()) if line.strip()), "")
+    reason = f"timed out after {timeout} s" if code is None else f"exit code {code}: {last}"[:500]
+    return {"recipe": recipe, "family": work.family, "tokens": work.tokens, "batch_size": work.batch_size,
+            "status": "failed", "reason": reason}
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
+
+
+def longest_sequence(recipe: str, args: argparse.Namespace, base: BenchWork, known_ok: int | None,
+                     log_path: Path) -> dict[str, Any]:
+    """The longest length (to ``--longest-resolution``) at which ``recipe`` trains two steps, by
+    bisection between the longest measured length that ran and ``--longest-max``."""
+    from dataclasses import replace
+
+    step = args.longest_resolution
+    probes: list[tuple[int, str]] = []
+
+    def fits(tokens: int) -> bool:
+        result = run_worker(recipe, replace(base, tokens=tokens), 2, 1, args.overrides, args.timeout, log_path)
+        probes.append((tokens, result["status"]))
+        print(f"  {recipe} at {tokens}: {result['status']}", flush=True)
+        return result["status"] == "ok"
+
+    low = known_ok
+    if low is None:
+        return {"recipe": recipe, "longest": None, "probes": probes, "reason": "no measured length ran"}
+    high = args.longest_max
+    if fits(high):
+        return {"recipe": recipe, "longest": high, "probes": probes, "reason": "--longest-max runs"}
+    while high - low > step:
+        middle = (low + high) // 2 // step * step
+        if middle <= low:
+            break
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return {"recipe": recipe, "longest": low, "probes": probes, "reason": f"fails at {high}"}
+
+
+# --------------------------------------------------------------------------- reporting
+def table(results: list[dict[str, Any]]) -> str:
+    """A Markdown table per length: each recipe's step, tokens/s, memory, and ratios to Unsloth's."""
+    lines = ["| tokens | recipe | step | tokens/s | peak allocated | peak reserved | weights | "
+             f"tokens/s vs {PEER} | peak vs {PEER} | first losses |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for tokens in sorted({r["tokens"] for r in results}):
+        rows = [r for r in results if r["tokens"] == tokens]
+        peer = next((r for r in rows if r["recipe"] == PEER and r["status"] == "ok"), None)
+        for r in rows:
+            if r["status"] != "ok":
+                lines.append(f"| {tokens} | {r['recipe']} | {r['status']}: {r.get('reason', '')[:80]} |  |  |  |  |  |  |  |")
+                continue
+            speed = _ratio(r["tokens_per_s"], peer and peer["tokens_per_s"])
+            memory = _ratio(r.get("peak_allocated_GB"), peer and peer.get("peak_allocated_GB"))
+            losses = ", ".join(f"{x:.3f}" for x in r.get("first_losses", ())[:3])
+            lines.append(
+                f"| {tokens} | {r['recipe']} | {r['step_s']:.3f} s | {r['tokens_per_s']:.0f} | "
+                f"{_gb(r.get('peak_allocated_GB'))} | {_gb(r.get('peak_reserved_GB'))} | {_gb(r.get('weights_GB'))} | "
+                f"{speed} | {memory} | {losses} |"
+            )
+    return "\n".join(lines)
+
+
+def _gb(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f} GB"
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    return "–" if not value or not reference else f"{value / reference:.2f}×"
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    for recipe in sorted({r["recipe"] for r in results}):
+        ok = sorted((r for r in results if r["recipe"] == recipe and r["status"] == "ok"), key=lambda r: r["tokens"])
+        if not ok:
+            continue
+        speed.plot([r["tokens"] for r in ok], [r["tokens_per_s"] for r in ok], marker="o", label=recipe)
+        peaks = [(r["tokens"], r["peak_allocated_GB"]) for r in ok if r.get("peak_allocated_GB") is not None]
+        if peaks:
+            memory.plot(*zip(*peaks, strict=True), marker="o", label=recipe)
+    for axis, label in ((speed, "tokens/s"), (memory, "peak allocated (GB)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("sequence length (tokens)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def environment() -> dict[str, Any]:
+    import importlib.metadata as metadata
+
+    import torch
+
+    versions = {}
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "lightning", "triton", "unsloth", "liger-kernel"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "versions": versions, "command": " ".join(["vlm-bench", *sys.argv[1:]])}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / "bench.log"
+    batch_size = args.batch_size or DEFAULT_BATCH.get(args.family, 1)
+    base = BenchWork(family=args.family, tokens=args.tokens[0], batch_size=batch_size, smoke=args.smoke,
+                     model_dir=args.model_dir)
+    results = []
+    for tokens in args.tokens:
+        for recipe in args.recipes:
+            work = BenchWork(**{**asdict(base), "tokens": tokens})
+            print(f"{recipe} at {tokens} tokens × {batch_size} …", flush=True)
+            result = run_worker(recipe, work, args.steps, args.warmup, args.overrides, args.timeout, log_path)
+            results.append(result)
+            # Written after every recipe: a benchmark cut short keeps what it measured.
+            (args.out / "bench.json").write_text(json.dumps({**environment(), "partial": True, "results": results}, indent=2))
+            print(f"  {result['status']}" + (f": {result['step_s']:.3f} s/step, {result['tokens_per_s']:.0f} tokens/s"
+                                            if result["status"] == "ok" else f" ({result.get('reason', '')})"), flush=True)
+    longest = []
+    if args.longest:
+        for recipe in args.recipes:
+            ran = [r["tokens"] for r in results if r["recipe"] == recipe and r["status"] == "ok"]
+            longest.append(longest_sequence(recipe, args, base, max(ran, default=None), log_path))
+    report = {**environment(), "work": {**asdict(base), "tokens": args.tokens}, "steps": args.steps,
+              "warmup": args.warmup, "overrides": args.overrides, "results": results, "longest": longest}
+    (args.out / "bench.json").write_text(json.dumps(report, indent=2))
+    markdown = table(results)
+    (args.out / "bench.md").write_text(markdown + "\n")
+    plot(results, args.out / "bench.png")
+    print(f"\n{report['device']} · {args.family} · batch {batch_size} · median of steps {args.warmup + 1}–{args.steps}")
+    print(markdown)
+    for row in longest:
+        print(f"longest trainable sequence, {row['recipe']}: {row['longest']} ({row['reason']})")
+    print(f"→ {args.out}/bench.json, bench.md, bench.png, bench.log")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""`vlm-bench`: every recipe in its own process on the same work, one table, JSON and plot; a peer
+that cannot run is a row that says why; the longest trainable sequence is found by bisection.
+
+The GPU numbers live in BENCHMARKS.md; here the tiny variant runs on the CPU, so that the code
+path the GPU benchmark takes is tested, and the timing and reporting are checked on known inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from vlm.bench.measure import StepLog, summarize
+from vlm.cli import bench
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    report = bench.main(["--smoke", "--tokens", "160", "--steps", "3", "--warmup", "1", "--recipes",
+                         "standard", "unsloth", "ours", "--out", str(out),
+                         "--model-dir", str(out / "checkpoint")])
+    return out, report
+
+
+def test_each_recipe_is_measured_in_its_own_process_on_the_same_work(smoke_run):
+    out, report = smoke_run
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["results"] == report["results"]
+    rows = {r["recipe"]: r for r in saved["results"]}
+    assert list(rows) == ["standard", "unsloth", "ours"]
+    for name in ("standard", "ours"):
+        row = rows[name]
+        assert row["status"] == "ok" and row["tokens"] == 160 and row["batch_size"] == 1
+        assert len(row["times"]) == 3 and row["step_s"] == pytest.approx(statistics.median(row["times"][1:]), abs=1e-3)
+        assert row["tokens_per_s"] == pytest.approx(160 / row["step_s"], rel=1e-2)
+        assert row["build_s"] > 0 and len(row["first_losses"]) == 3
+    # The same model and batch: both recipes start from the same loss (LoRA's B starts at zero), up to
+    # how each quantizes (the standard recipe double-quantizes the scales).
+    assert rows["ours"]["first_losses"][0] == pytest.approx(rows["standard"]["first_losses"][0], rel=2e-2)
+    assert saved["device"] == "cpu" and saved["versions"]["torch"] is not None
+    assert saved["command"].startswith("vlm-bench") and saved["work"]["tokens"] == [160]
+
+
+def test_a_peer_that_cannot_run_here_is_a_row_that_says_why(smoke_run):
+    out, report = smoke_run
+    unsloth = next(r for r in report["results"] if r["recipe"] == "unsloth")
+    assert unsloth["status"] == "unavailable" and unsloth["reason"] == "Unsloth needs a GPU"
+    markdown = (out / "bench.md").read_text()
+    assert "| 160 | unsloth | unavailable: Unsloth needs a GPU |" in markdown
+    assert "| 160 | ours |" in markdown and "| 160 | standard |" in markdown
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_step_time_is_the_median_after_warm_up():
+    log = StepLog(times=[9.0, 5.0, 1.0, 3.0, 2.0], losses=[4.0, 3.0, 2.0, 1.5, 1.25])
+    fields = summarize(log, warmup=2, tokens_per_step=4096)
+    assert fields["step_s"] == 2.0 and fields["tokens_per_s"] == 2048.0 and fields["warmup_s"] == 14.0
+    assert fields["first_losses"] == (4.0, 3.0, 2.0, 1.5, 1.25)
+
+
+def test_the_longest_sequence_is_bisected_to_the_resolution(monkeypatch, tmp_path):
+    tried = []
+
+    def fake_worker(recipe, work, steps, warmup, overrides, timeout, log_path):  # noqa: ANN001
+        tried.append(work.tokens)
+        return {"status": "ok" if work.tokens <= 5000 else "out of memory"}
+
+    monkeypatch.setattr(bench, "run_worker", fake_worker)
+    args = bench.parse_args(["--longest", "--longest-max", "16384", "--longest-resolution", "1024"])
+    found = bench.longest_sequence("ours", args, bench.BenchWork(), 2048, tmp_path / "log")
+    assert found["longest"] == 4096 and found["reason"] == "fails at 5120"
+    assert tried[0] == 16384 and all(t % 1024 == 0 for t in tried) and len(tried) <= 6
+    assert bench.longest_sequence("ours", args, bench.BenchWork(), None, tmp_path / "log")["longest"] is None
+
+
+def test_out_of_memory_is_reported_not_raised(monkeypatch, capsys):
+    from vlm.bench import recipes, work, worker
+
+    monkeypatch.setattr(work, "ensure_checkpoint", lambda w: "unused")
+    monkeypatch.setattr(work, "make_batch", lambda w, c: {})
+
+    def out_of_memory(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(recipes, "run_recipe", out_of_memory)
+    worker.measure({"recipe": "standard", "work": {"family": "mllama", "tokens": 65536, "smoke": True},
+                    "steps": 3, "warmup": 1})
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(line.removeprefix(worker.RESULT_PREFIX))
+    assert result["status"] == "out of memory" and "Tried to allocate 2.00 GiB" in result["reason"]
+    assert result["tokens"] == 65536 and result["step_s"] is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "2", "--warmup", "2"], "--warmup 2"),
+    (["kernels"], "not an override"),
+    (["--recipes", "deepspeed"], "invalid choice"),
+])
+def test_bad_arguments_are_refused_by_name(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err
