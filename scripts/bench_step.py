@@ -33,9 +33,8 @@ from typing import Any
 
 import torch
 
-from vlm.bench.work import (  # noqa: F401  (FILLER: the tests read the work through this script)
+from vlm.bench.work import (
     BENCH_IMAGE_SIZE,
-    FILLER,
     ensure_family_dir,
     ensure_mllama_dir,
     family_batch,

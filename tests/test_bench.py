@@ -20,8 +20,8 @@ from vlm.cli import bench
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    report = bench.main(["--smoke", "--tokens", "160", "--steps", "3", "--warmup", "1", "--recipes",
-                         "standard", "unsloth", "ours", "--out", str(out),
+    report = bench.main(["--smoke", "--tokens", "160", "--steps", "12", "--warmup", "1", "--recipes",
+                         "standard", "unsloth", "ours", "--same-optimization", "--out", str(out),
                          "--model-dir", str(out / "checkpoint")])
     return out, report
 
@@ -35,9 +35,11 @@ def test_each_recipe_is_measured_in_its_own_process_on_the_same_work(smoke_run):
     for name in ("standard", "ours"):
         row = rows[name]
         assert row["status"] == "ok" and row["tokens"] == 160 and row["batch_size"] == 1
-        assert len(row["times"]) == 3 and row["step_s"] == pytest.approx(statistics.median(row["times"][1:]), abs=1e-3)
+        assert len(row["times"]) == 12 and row["step_s"] == pytest.approx(statistics.median(row["times"][1:]), abs=1e-3)
         assert row["tokens_per_s"] == pytest.approx(160 / row["step_s"], rel=1e-2)
-        assert row["build_s"] > 0 and len(row["first_losses"]) == 3
+        assert row["build_s"] > 0 and len(row["first_losses"]) == 5
+    # The same layers adapted at the same rank, so the same parameters trained.
+    assert rows["ours"]["trainable_params"] == rows["standard"]["trainable_params"] > 0
     # The same model and batch: both recipes start from the same loss (LoRA's B starts at zero), up to
     # how each quantizes (the standard recipe double-quantizes the scales).
     assert rows["ours"]["first_losses"][0] == pytest.approx(rows["standard"]["first_losses"][0], rel=2e-2)
@@ -104,3 +106,60 @@ def test_bad_arguments_are_refused_by_name(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+# The published sizes of the checkpoints the speed issue names, and the image tokens of their anchors' images.
+REFERENCE = {
+    "qwen2_vl": (8_291_375_616, 256),  # Qwen2-VL-7B-Instruct, one 448x448 image
+    "qwen2_5_vl": (8_292_166_656, 256),  # Qwen2.5-VL-7B-Instruct
+    "llava": (7_063_427_072, 576),  # llava-1.5-7b-hf, one 336x336 image
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(REFERENCE))
+def test_the_benchmarked_architecture_is_the_reference_checkpoints(model_type):
+    from vlm.bench.work import family_batch, family_work, full_size_parts
+    from vlm.models.families import get_family
+
+    family = get_family(model_type)
+    processor, config = full_size_parts(family)
+    with torch.device("meta"):
+        model = family.model_class(config)
+    parameters, image_tokens = REFERENCE[model_type]
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    batch = family_batch(processor, 2048, family_work(model_type).image_size)
+    assert batch["input_ids"].shape == (1, 2048)
+    assert int((batch["input_ids"] == config.image_token_id).sum()) == image_tokens
+
+
+def test_llava_is_benchmarked_as_its_anchors_were_two_sequences_and_lora_on_attention(tmp_path):
+    report = bench.main(["--smoke", "--family", "llava", "--tokens", "128", "--steps", "2", "--warmup", "1",
+                         "--recipes", "standard", "ours", "--out", str(tmp_path), "--model-dir", str(tmp_path / "ckpt")])
+    standard, ours = report["results"]
+    assert standard["status"] == ours["status"] == "ok" and standard["batch_size"] == ours["batch_size"] == 2
+    assert standard["tokens_per_s"] == pytest.approx(2 * 128 / standard["step_s"], rel=1e-2)
+    assert ours["trainable_params"] == standard["trainable_params"]
+    from vlm.models.families import get_family
+    from vlm.models.loading import load_config
+
+    text = load_config(str(tmp_path / "ckpt"), get_family("llava")).text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    per_layer = 64 * (2 * text.hidden_size + 2 * text.hidden_size) + 64 * 2 * (
+        text.hidden_size + text.num_key_value_heads * head_dim)
+    assert standard["trainable_params"] == text.num_hidden_layers * per_layer  # r64 on q, k, v and o only
+
+
+def test_with_the_same_optimization_our_loss_curve_follows_the_standard_recipes(smoke_run):
+    """Constant lr 2e-4, no clipping, no LoRA dropout in both: the same data, model and seed. On the
+    tiny model our first updates lower the loss less (2.4% apart at most, at step 3; our frozen weights
+    and activations stay bf16 where the standard recipe upcasts them to fp32), and by step 12 the
+    curves are 0.7% apart (measured; both recipes are seeded, so the figures repeat)."""
+    _, report = smoke_run
+    rows = {r["recipe"]: r["losses"] for r in report["results"]}
+    standard, ours = rows["standard"], rows["ours"]
+    assert len(standard) == len(ours) == 12
+    assert standard[-1] < 0.8 * standard[0] and ours[-1] < 0.8 * ours[0]
+    assert ours[-1] == pytest.approx(standard[-1], rel=1e-2)
+    (agreement,) = report["loss_agreement"]
+    assert agreement["steps"] == 12 and agreement["max_relative_difference"] < 0.05
+    assert report["overrides"][:2] == ["scheduler.warmup_steps=0", "scheduler.min_lr_ratio=1.0"]

@@ -302,17 +302,11 @@ FULL_SIZE = {
 
 @pytest.mark.parametrize("model_type", NEW_FAMILIES)
 def test_the_benchmarked_architecture_is_the_reference_checkpoints(model_type):
-    from vlm.models.tokenizer import train_bpe_tokenizer
+    from vlm.bench.work import full_size_parts
 
     bench = load_bench_step()
     family = get_family(model_type)
-    tokenizer = train_bpe_tokenizer(
-        [f"{bench.FILLER} " * 8], family.tiny_special_tokens(), vocab_size=300, bos_token=family.tiny_bos,
-        eos_token=family.tiny_eos, pad_token=family.tiny_pad, chat_template=family.tiny_chat_template,
-    )
-    processor = family.full_size_processor(tokenizer)
-    token_ids = {token: processor.tokenizer.convert_tokens_to_ids(token) for token in family.tiny_special_tokens()}
-    config = family.full_size_config(token_ids)
+    processor, config = full_size_parts(family)
     with torch.device("meta"):
         model = family.model_class(config)
     parameters, image_tokens = FULL_SIZE[model_type]

@@ -36,7 +36,9 @@ class Measurement:
     weights_GB: float | None = None
     warmup_s: float | None = None
     build_s: float | None = None
+    trainable_params: int | None = None
     first_losses: tuple[float, ...] = ()
+    losses: tuple[float, ...] = ()
     times: tuple[float, ...] = ()
 
     def as_dict(self) -> dict:
@@ -53,6 +55,7 @@ def summarize(log: StepLog, warmup: int, tokens_per_step: int) -> dict:
         "tokens_per_s": round(tokens_per_step / step, 1),
         "warmup_s": round(sum(log.times[:warmup]), 3),
         "first_losses": tuple(round(loss, 4) for loss in log.losses[:5]),
+        "losses": tuple(log.losses),
         "times": tuple(round(t, 4) for t in log.times),
     }
 

@@ -2,13 +2,15 @@
 
 - ``standard``: Transformers + PEFT + bitsandbytes as their documentation shows it: NF4 with double
   quantization (``lm_head`` kept), ``prepare_model_for_kbit_training`` with (non-reentrant) gradient
-  checkpointing, LoRA r16 (alpha 16) on the language model's attention and MLP, AdamW 8-bit, in
-  training mode.
+  checkpointing, AdamW 8-bit, in training mode.
 - ``liger``: the standard recipe with Liger-Kernel's patches for the family applied first.
 - ``unsloth``: Unsloth's ``FastVisionModel`` in 4 bits, its own checkpointing, the same LoRA.
 - ``ours``: this framework's ``VisionLanguageFineTuner`` step run by a Lightning ``Trainer``, built as
   ``vlm-train`` builds it from the train config and the user's overrides (kernels, quantization,
-  checkpointing, optimizer...). LoRA r16 alpha 16 unless overridden.
+  checkpointing, optimizer...).
+
+Every recipe adapts the same layers: the family's :class:`~vlm.bench.work.FamilyWork` (LoRA r16 on the
+language model's attention and MLP; LLaVA r64 on its attention), alpha 16, no LoRA dropout.
 
 Each runs in a process of its own (:mod:`vlm.bench.worker`): peak memory is per process, and Unsloth
 patches transformers when imported. A peer that is not installed raises :class:`Unavailable`.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +31,23 @@ from .measure import StepLog, synchronize, timed_steps
 from .work import BenchWork
 
 RECIPES = ("standard", "unsloth", "liger", "ours")
-LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LEARNING_RATE = 2e-4
+LORA_ALPHA = 16
+
+
+@dataclass(frozen=True)
+class RecipeRun:
+    """What running a recipe gave: its steps, the bytes its weights took on the device after loading
+    (``None`` where unknown), its build time, and how many parameters it trained."""
+
+    steps: StepLog
+    weights_bytes: int | None
+    build_s: float
+    trainable_params: int
+
+
+def trainable_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 class Unavailable(Exception):
@@ -37,14 +55,14 @@ class Unavailable(Exception):
 
 
 def run_recipe(name: str, work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], steps: int,
-               overrides: Sequence[str] = ()) -> tuple[StepLog, int | None, float]:
-    """Build recipe ``name`` and run ``steps`` steps on ``batch``: the step log, the bytes its weights
-    take on the device after loading (``None`` where unknown), and the build time in seconds."""
+               overrides: Sequence[str] = ()) -> RecipeRun:
+    """Build recipe ``name`` and run ``steps`` steps on ``batch``."""
     if name == "ours":
         return run_ours(work, checkpoint, batch, steps, overrides)
     if overrides:
         raise ValueError(f"overrides {list(overrides)} configure this framework's recipe only")
     started = time.perf_counter()
+    lightning.seed_everything(0, verbose=False)  # LoRA's initial weights the same from run to run
     if name == "unsloth":
         model, weights = build_unsloth(work, checkpoint)
     elif name in ("standard", "liger"):
@@ -58,15 +76,15 @@ def run_recipe(name: str, work: BenchWork, checkpoint: Path, batch: dict[str, to
     model.train()
 
     def step() -> torch.Tensor:
-        # As the peers document their recipes: the bf16 model as loaded, no autocast (which, around
-        # PEFT's reentrant checkpointing, fails the second backward).
+        # As the peers document their recipes and their reference scripts ran them: the model as
+        # loaded, without autocast.
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return timed_steps(step, steps, work.device), weights, built
+    return RecipeRun(timed_steps(step, steps, work.device), weights, built, trainable_count(model))
 
 
 def device_bytes(device: str) -> int | None:
@@ -77,15 +95,18 @@ def device_bytes(device: str) -> int | None:
 
 
 def eight_bit_adamw(params: list[torch.nn.Parameter], device: str) -> torch.optim.Optimizer:
+    """AdamW 8-bit at lr 2e-4 without weight decay, as this framework's optimizer defaults to."""
     if device != "cuda":
-        return torch.optim.AdamW(params, lr=LEARNING_RATE)  # bitsandbytes' 8-bit optimizers need a GPU
+        return torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)  # bitsandbytes' 8-bit ones need a GPU
     import bitsandbytes as bnb
 
-    return bnb.optim.AdamW8bit(params, lr=LEARNING_RATE)
+    return bnb.optim.AdamW8bit(params, lr=LEARNING_RATE, weight_decay=0.0)
 
 
-def lora_target_pattern() -> str:
-    return rf".*language_model.*\.({'|'.join(LM_TARGETS)})"
+def lora_target_pattern(work: BenchWork) -> str:
+    """The language model's linears that ``work`` adapts, as one regex over full module names
+    (``[.]`` for a dot: the pattern also passes through a Hydra override)."""
+    return rf".*language_model.*[.]({'|'.join(work.setting.lora_targets)})"
 
 
 # --------------------------------------------------------------------------- the peers
@@ -110,7 +131,8 @@ def build_standard(work: BenchWork, checkpoint: Path) -> tuple[torch.nn.Module, 
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=lora_target_pattern())), weights
+    lora = LoraConfig(r=work.setting.lora_r, lora_alpha=LORA_ALPHA, target_modules=lora_target_pattern(work))
+    return get_peft_model(model, lora), weights
 
 
 def apply_liger(family_name: str) -> None:
@@ -138,7 +160,8 @@ def build_unsloth(work: BenchWork, checkpoint: Path) -> tuple[torch.nn.Module, i
     weights = device_bytes(work.device)
     model = FastVisionModel.get_peft_model(
         model, finetune_vision_layers=False, finetune_language_layers=True, finetune_attention_modules=True,
-        finetune_mlp_modules=True, r=16, lora_alpha=16, lora_dropout=0, bias="none",
+        finetune_mlp_modules="gate_proj" in work.setting.lora_targets, r=work.setting.lora_r, lora_alpha=LORA_ALPHA,
+        lora_dropout=0, bias="none",
         use_gradient_checkpointing="unsloth", random_state=0,
     )
     FastVisionModel.for_training(model)
@@ -146,8 +169,8 @@ def build_unsloth(work: BenchWork, checkpoint: Path) -> tuple[torch.nn.Module, i
 
 
 # --------------------------------------------------------------------------- this framework
-def compose_train_config(work: BenchWork, checkpoint: Path, overrides: Sequence[str]) -> Any:
-    """The train config ``vlm-train`` would run with ``overrides`` on the bench checkpoint."""
+def compose_train_config(work: BenchWork, checkpoint: Path, steps: int, overrides: Sequence[str]) -> Any:
+    """The train config ``vlm-train`` would run for ``steps`` steps with ``overrides`` on the bench checkpoint."""
     import tempfile
 
     from hydra import compose, initialize_config_dir
@@ -160,8 +183,10 @@ def compose_train_config(work: BenchWork, checkpoint: Path, overrides: Sequence[
     model = f"tiny_{work.family}" if work.smoke else _full_size_model_config(work.family)
     base = [
         f"model={model}", f"model.checkpoint={checkpoint}", f"model.family={get_family(work.family).model_type}",
-        f"trainer={'cpu' if work.smoke else 'gpu'}", "lora.r=16", "lora.alpha=16", "logger=csv",
+        f"trainer={'cpu' if work.smoke else 'gpu'}", f"lora.r={work.setting.lora_r}", f"lora.alpha={LORA_ALPHA}", "lora.dropout=0.0",
+        f"lora.target_modules='{lora_target_pattern(work)}'", "logger=csv",
         f"paths.output_dir={scratch}", f"paths.cache_dir={scratch}/cache", "calibration.measure=false",
+        f"trainer.max_steps={steps}",
     ]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("train", overrides=[*base, *overrides])
@@ -179,7 +204,7 @@ def _full_size_model_config(family_name: str) -> str:
 
 
 def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], steps: int,
-             overrides: Sequence[str]) -> tuple[StepLog, int | None, float]:
+             overrides: Sequence[str]) -> RecipeRun:
     from hydra.utils import instantiate
 
     from vlm.build.model import ModelRecipe, build_model
@@ -188,7 +213,7 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
     from vlm.training.module import VisionLanguageFineTuner
 
     started = time.perf_counter()
-    cfg = compose_train_config(work, checkpoint, overrides)
+    cfg = compose_train_config(work, checkpoint, steps, overrides)
     plan = run_plan(cfg)
     lightning.seed_everything(plan.seed, verbose=False)
     planning = plan_checkpoint(str(checkpoint), plan.family, plan.quant, plan.calibration, device=work.device)
@@ -202,14 +227,14 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
     module = VisionLanguageFineTuner(built.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
     timer = StepTimer(work.device)
     trainer = instantiate(
-        cfg.trainer, max_steps=steps, logger=False, callbacks=[timer], enable_checkpointing=False,
+        cfg.trainer, logger=False, callbacks=[timer], enable_checkpointing=False,
         enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0, val_check_interval=None,
         check_val_every_n_epoch=None,
     )
     loader = torch.utils.data.DataLoader(RepeatedBatch(batch, steps), batch_size=None)
     build_s = time.perf_counter() - started
     trainer.fit(module, train_dataloaders=loader)
-    return timer.steps, weights, build_s
+    return RecipeRun(timer.steps, weights, build_s, trainable_count(built.model))
 
 
 class RepeatedBatch(torch.utils.data.Dataset):

@@ -22,6 +22,30 @@ SMOKE_IMAGE_SIZE = (64, 48)
 FILLER = "w"
 
 
+# What the reference measurements of each family used (the seeds' settings): its image, sequences a
+# step, and LoRA (rank, and the language model's linears it adapts).
+LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class FamilyWork:
+    image_size: tuple[int, int] = BENCH_IMAGE_SIZE
+    batch_size: int = 1
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] = LM_LINEARS
+
+
+FAMILY_WORK = {
+    "qwen2_vl": FamilyWork(image_size=(448, 448)),  # 256 image tokens
+    "qwen2_5_vl": FamilyWork(image_size=(448, 448)),
+    "llava": FamilyWork(image_size=(336, 336), batch_size=2, lora_r=64, lora_targets=LM_LINEARS[:4]),
+}
+
+
+def family_work(family: str) -> FamilyWork:
+    return FAMILY_WORK.get(family, FamilyWork())
+
+
 @dataclass(frozen=True)
 class BenchWork:
     """What every recipe trains on: ``family``'s full-size architecture (or tiny variant where
@@ -32,6 +56,10 @@ class BenchWork:
     batch_size: int = 1
     smoke: bool = False
     model_dir: str | None = None
+
+    @property
+    def setting(self) -> FamilyWork:
+        return family_work(self.family)
 
     @property
     def device(self) -> str:
@@ -57,7 +85,7 @@ def ensure_checkpoint(work: BenchWork) -> Path:
         return build_tiny_checkpoint(family, path, DEMO_VOCABULARY)
     if work.family == "mllama":
         return ensure_mllama_dir(path)
-    if not hasattr(family, "full_size_config"):
+    if getattr(family, "full_size_config", None) is None:
         raise SystemExit(f"--family {work.family}: no full-size architecture is described for this family yet")
     return ensure_family_dir(family, path)
 
@@ -72,7 +100,7 @@ def make_batch(work: BenchWork, checkpoint: Path) -> dict[str, torch.Tensor]:
     if work.family == "mllama" and not work.smoke:
         batch = mllama_batch(load_config(str(checkpoint), family), work.tokens)
     else:
-        size = SMOKE_IMAGE_SIZE if work.smoke else BENCH_IMAGE_SIZE
+        size = SMOKE_IMAGE_SIZE if work.smoke else work.setting.image_size
         batch = family_batch(load_processor(str(checkpoint), family), work.tokens, size)
     batch = {key: value.repeat(work.batch_size, *([1] * (value.dim() - 1))) for key, value in batch.items()}
     return {key: value.to(work.device) for key, value in batch.items()}
@@ -140,21 +168,28 @@ def mllama_batch(config: Any, tokens: int) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- the other families
-def ensure_family_dir(family: Any, path: Path) -> Path:
-    """The random-init full-size checkpoint of ``family`` and its processor around a small BPE tokenizer
-    (the model keeps the real vocabulary size; the tokenizer's ids are a part of it), built on first use."""
+def full_size_parts(family: Any) -> tuple[Any, Any]:
+    """The full-size processor of ``family`` around a small BPE tokenizer, and the model config with the
+    tokenizer's special tokens (the model keeps the real vocabulary size; the tokenizer's ids are a part of it)."""
     from vlm.models.tokenizer import train_bpe_tokenizer
 
+    tokenizer = train_bpe_tokenizer(
+        [f"{FILLER} " * 8, "user assistant model system"], family.tiny_special_tokens(), vocab_size=512,
+        bos_token=family.tiny_bos, eos_token=family.tiny_eos, pad_token=family.tiny_pad,
+        chat_template=family.tiny_chat_template,
+    )
+    processor = family.full_size_processor(tokenizer)
+    token_ids = {token: processor.tokenizer.convert_tokens_to_ids(token) for token in family.tiny_special_tokens()}
+    return processor, family.full_size_config(token_ids)
+
+
+def ensure_family_dir(family: Any, path: Path) -> Path:
+    """The random-init full-size checkpoint of ``family`` and its processor (:func:`full_size_parts`),
+    built on first use."""
     if not (path / "config.json").exists():
-        tokenizer = train_bpe_tokenizer(
-            [f"{FILLER} " * 8, "user assistant model system"], family.tiny_special_tokens(), vocab_size=512,
-            bos_token=family.tiny_bos, eos_token=family.tiny_eos, pad_token=family.tiny_pad,
-            chat_template=family.tiny_chat_template,
-        )
-        processor = family.full_size_processor(tokenizer)
-        token_ids = {token: processor.tokenizer.convert_tokens_to_ids(token) for token in family.tiny_special_tokens()}
+        processor, config = full_size_parts(family)
         processor.save_pretrained(path)  # first: the model's config.json marks the directory complete
-        save_random_init(family.model_class, family.full_size_config(token_ids), path)
+        save_random_init(family.model_class, config, path)
     return path
 
 

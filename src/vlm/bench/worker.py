@@ -39,7 +39,7 @@ def measure(spec: dict[str, Any]) -> None:
         batch = make_batch(work, checkpoint)
         if work.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        log, weights, build_s = run_recipe(spec["recipe"], work, checkpoint, batch, spec["steps"], spec.get("overrides", ()))
+        run = run_recipe(spec["recipe"], work, checkpoint, batch, spec["steps"], spec.get("overrides", ()))
     except Unavailable as error:
         report(spec, status="unavailable", reason=str(error))
         return
@@ -50,10 +50,11 @@ def measure(spec: dict[str, Any]) -> None:
         traceback.print_exc()
         report(spec, status="failed", reason=f"{type(error).__name__}: {error}"[:500])
         return
-    fields = summarize(log, spec["warmup"], work.tokens * work.batch_size)
+    fields = summarize(run.steps, spec["warmup"], work.tokens * work.batch_size)
     measurement = Measurement(
         recipe=spec["recipe"], family=work.family, tokens=work.tokens, batch_size=work.batch_size, status="ok",
-        build_s=round(build_s, 2), **fields, **memory_fields(work.device, weights),
+        build_s=round(run.build_s, 2), trainable_params=run.trainable_params, **fields,
+        **memory_fields(work.device, run.weights_bytes),
     )
     print(RESULT_PREFIX + json.dumps(measurement.as_dict()), flush=True)
 

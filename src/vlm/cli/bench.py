@@ -26,20 +26,21 @@ from pathlib import Path
 from typing import Any
 
 from vlm.bench.recipes import RECIPES
-from vlm.bench.work import BenchWork
+from vlm.bench.work import BenchWork, family_work
 from vlm.bench.worker import RESULT_PREFIX
 from vlm.cli.arguments import positive_int
 
-# LLaVA-1.5 is benchmarked at 2 sequences a step, the setting of the articles the anchors come from.
-DEFAULT_BATCH = {"llava": 2}
 PEER = "unsloth"
+# What makes this framework's step optimize as the peers' recipes do: AdamW at a constant 2e-4, no clipping.
+SAME_OPTIMIZATION = ("scheduler.warmup_steps=0", "scheduler.min_lr_ratio=1.0", "trainer.gradient_clip_val=null",
+                     "optimizer.lr=2e-4", "optimizer.weight_decay=0.0")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="vlm-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", default="mllama", help="model family (model_type); default mllama")
     parser.add_argument("--tokens", type=positive_int, nargs="+", default=[2048], help="sequence lengths")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="default 1 (LLaVA: 2)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default 1 (LLaVA: 2, as its anchors)")
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
     parser.add_argument("--steps", type=positive_int, default=8, help="steps per recipe, warm-up included")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
@@ -50,8 +51,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
     parser.add_argument("--model-dir", default=None, help="where the random-init checkpoint is kept")
     parser.add_argument("--smoke", action="store_true", help="the family's tiny variant on the CPU")
+    parser.add_argument("--same-optimization", action="store_true",
+                        help="this framework's recipe optimizes as the peers do (constant lr, no clipping), so that "
+                             "its loss curve can be compared with the standard recipe's step by step")
     parser.add_argument("overrides", nargs="*", help="train-config overrides for this framework's recipe")
     args = parser.parse_args(argv)
+    if args.same_optimization:  # first: an override the user gives still wins
+        args.overrides = [*SAME_OPTIMIZATION, *args.overrides]
     if args.warmup < 0 or args.warmup >= args.steps:
         parser.error(f"--warmup {args.warmup}: must be at least 0 and below --steps {args.steps}")
     bad = [o for o in args.overrides if "=" not in o]
@@ -143,6 +149,19 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def loss_agreement(results: list[dict[str, Any]], recipe: str = "ours", reference: str = "standard") -> list[dict[str, Any]]:
+    """Per length where both ran: the largest relative difference between ``recipe``'s and
+    ``reference``'s loss at the same step, over the steps both ran."""
+    rows = []
+    for tokens in sorted({r["tokens"] for r in results}):
+        ran = {r["recipe"]: r for r in results if r["tokens"] == tokens and r["status"] == "ok"}
+        if recipe in ran and reference in ran:
+            pairs = list(zip(ran[recipe]["losses"], ran[reference]["losses"], strict=False))
+            worst = max(abs(a - b) / abs(b) for a, b in pairs)
+            rows.append({"tokens": tokens, "steps": len(pairs), "max_relative_difference": worst})
+    return rows
+
+
 def _gb(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f} GB"
 
@@ -198,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "bench.log"
-    batch_size = args.batch_size or DEFAULT_BATCH.get(args.family, 1)
+    batch_size = args.batch_size or family_work(args.family).batch_size
     base = BenchWork(family=args.family, tokens=args.tokens[0], batch_size=batch_size, smoke=args.smoke,
                      model_dir=args.model_dir)
     results = []
@@ -217,14 +236,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for recipe in args.recipes:
             ran = [r["tokens"] for r in results if r["recipe"] == recipe and r["status"] == "ok"]
             longest.append(longest_sequence(recipe, args, base, max(ran, default=None), log_path))
+    agreement = loss_agreement(results)
     report = {**environment(), "work": {**asdict(base), "tokens": args.tokens}, "steps": args.steps,
-              "warmup": args.warmup, "overrides": args.overrides, "results": results, "longest": longest}
+              "warmup": args.warmup, "overrides": args.overrides, "results": results, "longest": longest,
+              "loss_agreement": agreement}
     (args.out / "bench.json").write_text(json.dumps(report, indent=2))
     markdown = table(results)
     (args.out / "bench.md").write_text(markdown + "\n")
     plot(results, args.out / "bench.png")
     print(f"\n{report['device']} · {args.family} · batch {batch_size} · median of steps {args.warmup + 1}–{args.steps}")
     print(markdown)
+    for row in agreement:
+        print(f"loss, ours against standard at {row['tokens']} tokens: at most {row['max_relative_difference']:.2%} "
+              f"apart over {row['steps']} steps" + ("" if args.same_optimization else " (not --same-optimization)"))
     for row in longest:
         print(f"longest trainable sequence, {row['recipe']}: {row['longest']} ({row['reason']})")
     print(f"→ {args.out}/bench.json, bench.md, bench.png, bench.log")

@@ -72,12 +72,51 @@ class Llava(ModelFamily):
         )
 
 
+    # ---- the full-size architecture (vlm-bench, scripts/bench_step.py) --------------------------
+    def full_size_config(self, token_ids: dict[str, int], vocab_size: int = 32064) -> transformers.PretrainedConfig:
+        """LLaVA-1.5-7B's architecture (CLIP ViT-L/14 at 336 px, Vicuna-7B), its special tokens at ``token_ids``."""
+        return transformers.LlavaConfig(
+            vision_config={
+                "model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+                "projection_dim": 768,
+            },
+            text_config={
+                "model_type": "llama", "vocab_size": vocab_size, "hidden_size": 4096, "intermediate_size": 11008,
+                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+                "bos_token_id": token_ids[self.tiny_bos], "eos_token_id": token_ids[self.tiny_eos],
+                "pad_token_id": token_ids[self.tiny_pad],
+            },
+            image_token_index=token_ids[self.image_token],
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            pad_token_id=token_ids[self.tiny_pad],
+        )
+
+    def full_size_processor(self, tokenizer: Any) -> Any:
+        """The checkpoint's image settings: 336 px, 14 px patches, 576 image tokens."""
+        return transformers.LlavaProcessor(
+            image_processor=image_processor(
+                "CLIP", size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+            ),
+            tokenizer=tokenizer,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's class token
+            chat_template=self.tiny_chat_template,
+        )
+
+
 class LlavaNext(Llava):
     """LLaVA-NeXT: the image is split into tiles on a grid of pinpoint resolutions, plus a global view."""
 
     model_type = "llava_next"
     model_class_name = "LlavaNextForConditionalGeneration"
     processor_class_name = "LlavaNextProcessor"
+    # LLaVA-1.5's would build the wrong model class; LLaVA-NeXT's full size is not described yet.
+    full_size_config = None
+    full_size_processor = None
 
     def grid_pinpoints(self) -> list[list[int]]:
         side = self.tiny.image_size

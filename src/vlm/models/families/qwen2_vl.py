@@ -106,6 +106,42 @@ class Qwen2VL(ModelFamily):
         )
 
 
+    # ---- the full-size architecture (vlm-bench, scripts/bench_step.py) --------------------------
+    def full_size_text(self, token_ids: dict[str, int], vocab_size: int) -> dict[str, Any]:
+        """The 7B language model that Qwen2-VL-7B and Qwen2.5-VL-7B share."""
+        return {
+            "vocab_size": vocab_size, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+            "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "tie_word_embeddings": False,
+            "eos_token_id": token_ids[self.tiny_eos], "pad_token_id": token_ids[self.tiny_pad],
+        }
+
+    def full_size_config(self, token_ids: dict[str, int], vocab_size: int = 152064) -> transformers.PretrainedConfig:
+        """Qwen2-VL-7B-Instruct's architecture, its special tokens at ``token_ids``."""
+        return transformers.Qwen2VLConfig(
+            vision_config={
+                "depth": 32, "embed_dim": 1280, "hidden_size": 3584, "mlp_ratio": 4, "num_heads": 16,
+                "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            },
+            text_config=self.full_size_text(token_ids, vocab_size),
+            tie_word_embeddings=False,
+            **self.vision_token_ids(token_ids),
+        )
+
+    def full_size_processor(self, tokenizer: Any) -> Any:
+        """The checkpoint's image settings: 14 px patches merged 2x2, 4 to 16384 merged patches an image."""
+        unit = self.patch_size * self.merge_size
+        return self.image_only_processor(
+            image_processor=image_processor(
+                "Qwen2VL", min_pixels=4 * unit * unit, max_pixels=16384 * unit * unit,
+                patch_size=self.patch_size, merge_size=self.merge_size, temporal_patch_size=2,
+            ),
+            tokenizer=tokenizer,
+            chat_template=self.tiny_chat_template,
+        )
+
+
 class Qwen25VL(Qwen2VL):
     """Qwen2.5-VL: windowed attention and a SwiGLU MLP in the vision tower; otherwise laid out as Qwen2-VL."""
 
@@ -133,6 +169,19 @@ class Qwen25VL(Qwen2VL):
         return transformers.Qwen2_5_VLConfig(
             vision_config=self.tiny_vision_config(),
             text_config=self.tiny_text(token_ids, vocab_size),
+            **self.vision_token_ids(token_ids),
+        )
+
+    def full_size_config(self, token_ids: dict[str, int], vocab_size: int = 152064) -> transformers.PretrainedConfig:
+        """Qwen2.5-VL-7B-Instruct's architecture, its special tokens at ``token_ids``."""
+        return transformers.Qwen2_5_VLConfig(
+            vision_config={
+                "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "out_hidden_size": 3584,
+                "num_heads": 16, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+            },
+            text_config=self.full_size_text(token_ids, vocab_size),
+            tie_word_embeddings=False,
             **self.vision_token_ids(token_ids),
         )
 
