@@ -27,12 +27,12 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vlm.bench.measure import timed_steps
 from vlm.bench.work import (
     BENCH_IMAGE_SIZE,
     ensure_family_dir,
@@ -100,25 +100,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = built.model.train()
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 
-    times, loss = [], None
-    steps = 3 if args.smoke else args.steps
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
+    def one_step() -> torch.Tensor:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=not args.smoke):
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        return loss.detach()
+
+    log = timed_steps(one_step, 3 if args.smoke else args.steps, device)
+    times = log.times
     step = statistics.median(times[2:])
     result = {
         "family": model_type, "kernels": args.kernels, "frozen_parts": args.frozen_parts, "tokens": args.tokens,
         "image_tokens": image_tokens,
         "step_s": round(step, 3), "tokens_per_s": round(args.tokens / step),
         "peak_allocated_GB": None if args.smoke else round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "loss": round(float(loss.detach()), 4), "times": [round(t, 3) for t in times],
+        "loss": round(log.losses[-1], 4), "times": [round(t, 3) for t in times],
     }
     print("RESULT", json.dumps(result), flush=True)
     return result
@@ -135,11 +133,6 @@ def model_family(name: str) -> str:
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise SystemExit(f"--model {name}: no conf/model/{name}.yaml; known: {', '.join(known)}")
     return str(OmegaConf.load(path).family)
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 
 def ensure_checkpoint(path: Path) -> Path:
     """The random-init 11B Mllama and a processor for the demo data, written on first use."""
@@ -32,6 +30,7 @@ def ensure_checkpoint(path: Path) -> Path:
         return path
     import transformers
 
+    from vlm.bench.work import save_random_init
     from vlm.data.demo import DEMO_VOCABULARY
     from vlm.models.families import get_family
     from vlm.models.families.base import image_processor
@@ -50,15 +49,8 @@ def ensure_checkpoint(path: Path) -> Path:
     config.image_token_index = ids[family.image_token]
     for part in (config, config.text_config):
         part.bos_token_id, part.eos_token_id, part.pad_token_id = ids[family.tiny_bos], ids[family.tiny_eos], ids[family.tiny_pad]
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = transformers.MllamaForConditionalGeneration(config)
-    torch.set_default_dtype(torch.float32)
-    family.finish_tiny_init(model)  # open the cross-attention gates, as in a trained checkpoint
-    model.save_pretrained(path, safe_serialization=True)
-    del model
-    torch.cuda.empty_cache()
+    # The cross-attention gates opened, as in a trained checkpoint.
+    save_random_init(transformers.MllamaForConditionalGeneration, config, path, finish=family.finish_tiny_init)
     processor = transformers.MllamaProcessor(
         image_processor=image_processor("Mllama", size={"height": 560, "width": 560}, max_image_tiles=4),
         tokenizer=tokenizer,

@@ -207,7 +207,7 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
              overrides: Sequence[str]) -> RecipeRun:
     from hydra.utils import instantiate
 
-    from vlm.build.model import ModelRecipe, build_model
+    from vlm.build.model import build_model
     from vlm.build.planning import plan_checkpoint
     from vlm.cli.wiring import run_plan
     from vlm.training.module import VisionLanguageFineTuner
@@ -217,12 +217,7 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
     plan = run_plan(cfg)
     lightning.seed_everything(plan.seed, verbose=False)
     planning = plan_checkpoint(str(checkpoint), plan.family, plan.quant, plan.calibration, device=work.device)
-    recipe = ModelRecipe(
-        checkpoint=str(checkpoint), family=plan.family, quant=plan.quant, lora=plan.lora, kernels=plan.kernels,
-        gradient_checkpointing=plan.spec.gradient_checkpointing, device=work.device,
-        attn_implementation=plan.spec.attn_implementation,
-    )
-    built = build_model(recipe, planning)
+    built = build_model(plan.model_recipe(str(checkpoint), work.device), planning)
     weights = device_bytes(work.device)
     module = VisionLanguageFineTuner(built.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
     timer = StepTimer(work.device)

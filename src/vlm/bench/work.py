@@ -9,6 +9,7 @@ tested where no GPU is.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,12 +121,16 @@ def ensure_mllama_dir(path: Path) -> Path:
     return path
 
 
-def save_random_init(model_class: type, config: Any, path: Path) -> None:
+def save_random_init(model_class: type, config: Any, path: Path, finish: Callable[[Any], None] | None = None) -> None:
+    """``model_class(config)`` with seeded random bf16 weights, built on the GPU, saved to ``path``;
+    ``finish`` changes the model before it is saved."""
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = model_class(config)
     torch.set_default_dtype(torch.float32)
+    if finish is not None:
+        finish(model)
     model.save_pretrained(path)
     del model
     torch.cuda.empty_cache()

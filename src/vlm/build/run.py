@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # annotations only: importing them (PEFT, bitsandbytes) is le
     from vlm.quant.config import QuantConfig
     from vlm.sweeps.jobs import JobIdentity
 
-    from .model import BuiltModel
+    from .model import BuiltModel, ModelRecipe
     from .planning import Planning
 
 
@@ -37,6 +37,22 @@ class RunPlan:
     output_dir: Path
     seed: int
     max_seq_length: int
+
+    def model_recipe(self, checkpoint: str, device: str, quant: QuantConfig | None = None) -> ModelRecipe:
+        """What :func:`~vlm.build.model.build_model` builds for this plan from ``checkpoint`` on
+        ``device``; ``quant`` replaces the plan's (as a strategy that shards the weights needs it)."""
+        from .model import ModelRecipe
+
+        return ModelRecipe(
+            checkpoint=checkpoint,
+            family=self.family,
+            quant=self.quant if quant is None else quant,
+            lora=self.lora,
+            kernels=self.kernels,
+            gradient_checkpointing=self.spec.gradient_checkpointing,
+            device=device,
+            attn_implementation=self.spec.attn_implementation,
+        )
 
 
 # RunFacts fields that say what the trainable weights depend on, and those that describe the run.

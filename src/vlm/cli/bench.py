@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch_size = args.batch_size or family_work(args.family).batch_size
     base = BenchWork(family=args.family, tokens=args.tokens[0], batch_size=batch_size, smoke=args.smoke,
                      model_dir=args.model_dir)
+    context = environment()
     results = []
     for tokens in args.tokens:
         for recipe in args.recipes:
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result = run_worker(recipe, work, args.steps, args.warmup, args.overrides, args.timeout, log_path)
             results.append(result)
             # Written after every recipe: a benchmark cut short keeps what it measured.
-            (args.out / "bench.json").write_text(json.dumps({**environment(), "partial": True, "results": results}, indent=2))
+            (args.out / "bench.json").write_text(json.dumps({**context, "partial": True, "results": results}, indent=2))
             print(f"  {result['status']}" + (f": {result['step_s']:.3f} s/step, {result['tokens_per_s']:.0f} tokens/s"
                                             if result["status"] == "ok" else f" ({result.get('reason', '')})"), flush=True)
     longest = []
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ran = [r["tokens"] for r in results if r["recipe"] == recipe and r["status"] == "ok"]
             longest.append(longest_sequence(recipe, args, base, max(ran, default=None), log_path))
     agreement = loss_agreement(results)
-    report = {**environment(), "work": {**asdict(base), "tokens": args.tokens}, "steps": args.steps,
+    report = {**context, "work": {**asdict(base), "tokens": args.tokens}, "steps": args.steps,
               "warmup": args.warmup, "overrides": args.overrides, "results": results, "longest": longest,
               "loss_agreement": agreement}
     (args.out / "bench.json").write_text(json.dumps(report, indent=2))

@@ -219,7 +219,7 @@ def assemble(
     from hydra.utils import instantiate
     from lightning.fabric.utilities.seed import seed_everything
 
-    from vlm.build.model import ModelRecipe, build_model
+    from vlm.build.model import build_model
     from vlm.build.run import RunFacts, RunParts
     from vlm.cli.checks import check_lora_targets
     from vlm.data.inventory import inventory
@@ -247,16 +247,7 @@ def assemble(
     if sharded or not first:
         calibration = dataclasses.replace(calibration, measure=False, fidelity_batches=0)
     planning = plan_for_run(cfg, plan.family, plan.quant, calibration, checkpoint, processor, device)
-    recipe = ModelRecipe(
-        checkpoint=checkpoint,
-        family=plan.family,
-        quant=quant,
-        lora=plan.lora,
-        kernels=plan.kernels,
-        gradient_checkpointing=plan.spec.gradient_checkpointing,
-        device=device,
-        attn_implementation=plan.spec.attn_implementation,
-    )
+    recipe = plan.model_recipe(checkpoint, device, quant)
     # LoRA's initial weights come from the seed alone, not from what planning drew before: the
     # ranks, which plan differently, must all start from the same weights.
     seed_everything(plan.seed, workers=True, verbose=False)

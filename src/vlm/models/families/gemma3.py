@@ -91,7 +91,7 @@ class Gemma3(ModelFamily):
             chat_template=self.tiny_chat_template,
         )
 
-    # ---- the full-size architecture (scripts/bench_step.py) -------------------------------------
+    # ---- the full-size architecture (vlm-bench, scripts/bench_step.py) --------------------------
     def full_size_config(self, token_ids: dict[str, int], vocab_size: int = 262208) -> transformers.PretrainedConfig:
         """gemma-3-4b-it's architecture, its special tokens at ``token_ids``."""
         pattern = ["sliding_attention"] * 5 + ["full_attention"]

@@ -70,7 +70,7 @@ class Qwen3VL(Qwen2VL):
             **self.vision_token_ids(token_ids),
         )
 
-    # ---- the full-size architecture (scripts/bench_step.py) -------------------------------------
+    # ---- the full-size architecture (vlm-bench, scripts/bench_step.py) --------------------------
     def full_size_config(self, token_ids: dict[str, int], vocab_size: int = 151936) -> transformers.PretrainedConfig:
         """Qwen3-VL-8B-Instruct's architecture, its special tokens at ``token_ids``."""
         return transformers.Qwen3VLConfig(

@@ -68,6 +68,7 @@ class SmolVLM(ModelFamily):
     model_class_name = "SmolVLMForConditionalGeneration"
     processor_class_name = "SmolVLMProcessor"
     image_only_processor = SmolVLMProcessor
+    image_processor_stem = "SmolVLM"
     image_token = "<image>"
     vision_tower = "model.vision_model"
     projector = "model.connector"
@@ -127,7 +128,7 @@ class SmolVLM(ModelFamily):
 
     def slow_image_processor(self, tile: int, longest_edge: int) -> Any:
         return image_processor(
-            "SmolVLM",
+            self.image_processor_stem,
             do_image_splitting=True,
             size={"longest_edge": longest_edge},
             max_image_size={"longest_edge": tile},
@@ -135,7 +136,7 @@ class SmolVLM(ModelFamily):
             image_std=[0.5] * 3,
         )
 
-    # ---- the full-size architecture (scripts/bench_step.py) -------------------------------------
+    # ---- the full-size architecture (vlm-bench, scripts/bench_step.py) --------------------------
     def full_size_config(self, token_ids: dict[str, int], vocab_size: int = 49280) -> transformers.PretrainedConfig:
         """SmolVLM2-2.2B-Instruct's architecture (SigLIP-SO400M at 384 px, SmolLM2-1.7B), tokens at ``token_ids``."""
         return self.config_class()(
@@ -175,22 +176,13 @@ class Idefics3(SmolVLM):
     # Its processor needs neither a video processor nor num2words; built from its parts, it gets the PIL
     # image processor (transformers 5.17's AutoProcessor finds only a placeholder for that one).
     image_only_processor = transformers.Idefics3Processor
+    image_processor_stem = "Idefics3"
     tiny_bos = "<|begin_of_text|>"
     tiny_pad = "<|end_of_text|>"
     tiny_chat_template = IDEFICS3_CHAT_TEMPLATE
 
     def config_class(self) -> type:
         return transformers.Idefics3Config
-
-    def slow_image_processor(self, tile: int, longest_edge: int) -> Any:
-        return image_processor(
-            "Idefics3",
-            do_image_splitting=True,
-            size={"longest_edge": longest_edge},
-            max_image_size={"longest_edge": tile},
-            image_mean=[0.5] * 3,
-            image_std=[0.5] * 3,
-        )
 
     def full_size_config(self, token_ids: dict[str, int], vocab_size: int = 49155) -> transformers.PretrainedConfig:
         """SmolVLM-Instruct's architecture (an Idefics3: SigLIP-SO400M at 384 px, SmolLM2-1.7B)."""
