@@ -51,9 +51,17 @@ class QLoRATuning:
     lora_inside_gemm_max_rank: int = 32
     # The backward's ``scaling * dy @ B`` and ``dy.T @ x_a`` from one read of dy.
     thin_products: ThinTiling = DEFAULT_THIN_TILING
+    # Up to this many rows (tokens), a layer's GPU work takes less time than the host takes to queue it, so
+    # the whole step waits on the host: fewer launches then beat fewer bytes. Such a layer uses neither the
+    # side stream (its events and waits cost the host ~0.45 ms a layer, forward and backward, on an H200)
+    # nor the thin products (two launches), but one cuBLAS product each. 0: never.
+    host_bound_max_rows: int = 4096
 
     def __post_init__(self) -> None:
-        require_at_least(self, 0, "lora_inside_gemm_min_widening", "lora_inside_gemm_max_rank")
+        require_at_least(self, 0, "lora_inside_gemm_min_widening", "lora_inside_gemm_max_rank", "host_bound_max_rows")
+
+    def host_bound(self, rows: int) -> bool:
+        return rows <= self.host_bound_max_rows
 
 
 DEFAULT_QLORA_TUNING = QLoRATuning()
@@ -103,6 +111,15 @@ def _forward_lora_before_gemm(beside, x, weight4bit, quant_state, lora_A, lora_B
     return out, x_a
 
 
+def _cublas_thin_products(big, right, left, right_scale, tiling):  # noqa: ANN001, ANN202, ARG001
+    """What ``thin_products`` gives, in one cuBLAS launch per product (``big`` read twice): each sum in fp32,
+    scaled in the epilogue and rounded once."""
+    return (
+        None if right is None else torch.addmm(big.new_empty(()), big, right, beta=0, alpha=right_scale),
+        None if left is None else torch.mm(big.t(), left),
+    )
+
+
 class QLoRALinearFunction(torch.autograd.Function):
     """Forward and backward of the QLoRA linear on 2-D inputs; W frozen, all tensors in one dtype.
 
@@ -111,7 +128,7 @@ class QLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight4bit, quant_state, lora_A, lora_B, scaling, bias, tuning: QLoRATuning):
-        beside = SideStream(x.device, tuning.overlap_on_side_stream)
+        beside = SideStream(x.device, tuning.overlap_on_side_stream and not tuning.host_bound(x.shape[0]))
         if lora_inside_gemm(quant_state, lora_A.shape[0], tuning):
             out, x_a = _forward_lora_inside_gemm(beside, x, weight4bit, quant_state, lora_A, lora_B, scaling, bias)
         else:
@@ -126,14 +143,17 @@ class QLoRALinearFunction(torch.autograd.Function):
         needs_x, _, _, needs_A, needs_B, _, needs_bias, _ = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
         grad_x = grad_A = grad_B = grad_bias = None
-        beside = SideStream(grad_out.device, ctx.tuning.overlap_on_side_stream)
+        tuning = ctx.tuning
+        host_bound = tuning.host_bound(grad_out.shape[0])
+        beside = SideStream(grad_out.device, tuning.overlap_on_side_stream and not host_bound)
         if needs_x:
             weight = beside.start(lambda: dequantize_nf4(weight4bit, ctx.quant_state, dtype=grad_out.dtype))
         if needs_x or needs_A or needs_B:
             # scaling * dy @ B, the grad of the LoRA intermediate, and grad B = dy.T @ x_a (x_a carries the scaling).
-            grad_x_a, grad_B = thin_products(
+            products = _cublas_thin_products if host_bound else thin_products
+            grad_x_a, grad_B = products(
                 grad_out, lora_B if needs_x or needs_A else None, x_a if needs_B else None, right_scale=ctx.scaling,
-                tiling=ctx.tuning.thin_products,
+                tiling=tuning.thin_products,
             )
         if needs_A:
             grad_A = beside.start(lambda: torch.mm(grad_x_a.t(), x), grad_x_a, x)

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     which.add_argument("--model", default=None, help="a conf/model name (e.g. qwen3_vl_8b): its family")
     parser.add_argument("--kernels", choices=("none", "all"), default="none")
     parser.add_argument("--frozen-parts", choices=("on", "off"), default="on", help="BuildSteps.frozen_parts_forward_only")
+    parser.add_argument("--checkpointing", choices=("none", "standard", "offload"), default="standard")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="profile one step after the timed ones; write its tables (GPU and host time per op) here")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--model-dir", type=Path, default=None, help="where the random-init checkpoint is kept")
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quant = QuantConfig()
     planning = plan_checkpoint(path, family, quant, CalibrationSettings(measure=False), device=device)
     kernels = KernelSettings(**{name: args.kernels == "all" for name in KERNELS})
-    recipe = ModelRecipe(path, family, quant, LoraSettings(r=16, alpha=16), kernels, device=device)
+    recipe = ModelRecipe(path, family, quant, LoraSettings(r=16, alpha=16), kernels, device=device,
+                         checkpointing=args.checkpointing)
     if not args.smoke:
         torch.cuda.reset_peak_memory_stats()
     built = build_model(recipe, planning, BuildSteps(frozen_parts_forward_only=args.frozen_parts == "on"))
@@ -108,11 +112,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    log = timed_steps(one_step, 3 if args.smoke else args.steps, device)
+    log = timed_steps(one_step, 3 if args.smoke else args.steps, device, profile_to=args.profile)
     times = log.times
     step = statistics.median(times[2:])
     result = {
-        "family": model_type, "kernels": args.kernels, "frozen_parts": args.frozen_parts, "tokens": args.tokens,
+        "family": model_type, "kernels": args.kernels, "frozen_parts": args.frozen_parts,
+        "checkpointing": args.checkpointing, "tokens": args.tokens,
         "image_tokens": image_tokens,
         "step_s": round(step, 3), "tokens_per_s": round(args.tokens / step),
         "peak_allocated_GB": None if args.smoke else round(torch.cuda.max_memory_allocated() / 2**30, 2),

@@ -134,8 +134,15 @@ def test_the_benchmarked_architecture_is_the_reference_checkpoints(model_type):
 
 def test_llava_is_benchmarked_as_its_anchors_were_two_sequences_and_lora_on_attention(tmp_path):
     report = bench.main(["--smoke", "--family", "llava", "--tokens", "128", "--steps", "2", "--warmup", "1",
-                         "--recipes", "standard", "ours", "--out", str(tmp_path), "--model-dir", str(tmp_path / "ckpt")])
+                         "--recipes", "standard", "ours", "--out", str(tmp_path), "--model-dir", str(tmp_path / "ckpt"),
+                         "--profile"])
     standard, ours = report["results"]
+    # --profile: one more step of each recipe under the profiler, untimed, its op tables beside the results.
+    assert len(standard["times"]) == len(ours["times"]) == 2
+    for recipe in ("standard", "ours"):
+        tables = tmp_path / "profile" / f"{recipe}-128"
+        assert "Self CPU" in (tables / "by_host_time.txt").read_text()
+        assert (tables / "by_gpu_time.txt").is_file()
     assert standard["status"] == ours["status"] == "ok" and standard["batch_size"] == ours["batch_size"] == 2
     assert standard["tokens_per_s"] == pytest.approx(2 * 128 / standard["step_s"], rel=1e-2)
     assert ours["trainable_params"] == standard["trainable_params"]
@@ -147,6 +154,15 @@ def test_llava_is_benchmarked_as_its_anchors_were_two_sequences_and_lora_on_atte
     per_layer = 64 * (2 * text.hidden_size + 2 * text.hidden_size) + 64 * 2 * (
         text.hidden_size + text.num_key_value_heads * head_dim)
     assert standard["trainable_params"] == text.num_hidden_layers * per_layer  # r64 on q, k, v and o only
+
+
+def test_our_recipe_learns_at_the_peers_rate_whatever_the_data_group_sets(tmp_path):
+    from vlm.bench.recipes import LEARNING_RATE, compose_train_config
+    from vlm.bench.work import BenchWork
+
+    work = BenchWork(family="qwen2_vl", smoke=True)
+    assert compose_train_config(work, tmp_path, 4, []).optimizer.lr == LEARNING_RATE  # the demo data sets 3e-3
+    assert compose_train_config(work, tmp_path, 4, ["optimizer.lr=1e-3"]).optimizer.lr == 1e-3  # the user's wins
 
 
 def test_with_the_same_optimization_our_loss_curve_follows_the_standard_recipes(smoke_run):

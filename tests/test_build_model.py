@@ -71,3 +71,19 @@ def test_a_vision_tower_with_lora_weights_of_its_own_stays_in_the_backward(tiny_
     lora = LoraSettings(r=4, target_modules=r"model\.visual\.blocks\.\d+\.attn\.qkv|.*q_proj")
     result = built("qwen2_vl", path, lora=lora)
     assert "left in the backward: model.visual" in result.summary()
+
+
+@pytest.mark.parametrize("mode", ["none", "standard", "offload"])
+def test_the_checkpointing_step_sets_what_the_recipe_asks(mode, tiny_checkpoint):
+    family = get_family("qwen2_vl")
+    path = tiny_checkpoint("qwen2_vl")
+    planning = plan_checkpoint(path, family, QUANT, CalibrationSettings(measure=False))
+    result = build_model(ModelRecipe(path, family, QUANT, LoraSettings(r=4, alpha=8), checkpointing=mode), planning)
+    layers = [m for m in result.model.modules() if hasattr(m, "_gradient_checkpointing_func")]
+    assert bool(layers) == (mode != "none")
+    assert (result.offloader is not None) == (mode == "offload")
+    reports = {report.step: report.summary for report in result.reports}
+    assert ("checkpointing" in reports) == (mode != "none")
+    if mode == "offload":
+        assert "pinned host memory" in reports["checkpointing"]
+        assert all(layer._gradient_checkpointing_func == result.offloader.checkpoint for layer in layers)

@@ -8,6 +8,7 @@ import torch
 import transformers
 from PIL import Image
 
+from vlm.models.checkpointing import enable_checkpointing
 from vlm.models.families import FAMILIES, get_family
 from vlm.models.loading import (
     QuantizationMismatch,
@@ -15,7 +16,7 @@ from vlm.models.loading import (
     load_processor,
     verify_quantized,
 )
-from vlm.models.lora import LoraSettings, apply_lora, enable_gradient_checkpointing
+from vlm.models.lora import LoraSettings, apply_lora
 from vlm.quant.bnb_layers import quantized_layer_names
 from vlm.quant.config import QuantConfig
 from vlm.quant.policies import QuantPlan
@@ -81,7 +82,7 @@ def test_qlora_train_step_changes_only_lora_weights(model_type, tiny_checkpoint)
     assert torch.float32 not in frozen_dtypes  # no fp32 copies of frozen weights
 
     model = apply_lora(model, family, LoraSettings(r=4, alpha=8))
-    enable_gradient_checkpointing(model)
+    enable_checkpointing(model, "standard")
     model.train()
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

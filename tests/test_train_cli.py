@@ -105,6 +105,7 @@ def test_demo_run_writes_metrics_adapter_checkpoint_and_an_offline_wandb_run(tmp
     assert report["fidelity"]["loaded"]["kl"] == pytest.approx(report["fidelity"]["policy"]["kl"], rel=1e-6)
     assert (run / "quant_report.png").read_bytes()[:4] == b"\x89PNG"
     assert metrics["weight_bytes"] == report["memory"]["loaded_bytes"]
+    assert metrics["checkpointing"] == "standard"  # how activations were kept: an ablation's axis
     assert list(offline_runs[0].glob("files/media/images/quant/report*.png"))
     assert list(offline_runs[0].glob("files/media/table/quant/layers*.table.json"))
 

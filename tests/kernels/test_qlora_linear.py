@@ -3,6 +3,8 @@ test_nf4.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from kernel_checks import assert_close_at_scale, assert_same_bits, dtype_id, quantized_nf4_weight
@@ -29,6 +31,9 @@ TOLERANCES = {
 DTYPES = list(TOLERANCES)
 # The small cases run wherever Triton can: the interpreter on CPU, or the GPU when there is one.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Small inputs take the host-bound path by default (cuBLAS thin products, no side stream); each check also
+# runs with that path switched off, so the Triton thin products are tested whatever the size.
+PATHS = {"host_bound_path": DEFAULT_QLORA_TUNING, "kernel_path": QLoRATuning(host_bound_max_rows=0)}
 
 
 # ----------------------------------------------------------------------------- the linear layer
@@ -77,6 +82,7 @@ def _check_against_float64_reference(
     return quant_state
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("rank", [1, 8])
@@ -85,17 +91,25 @@ def _check_against_float64_reference(
     [((1, 64), 32), ((2, 3, 100), 48)],
     ids=["one_row", "3d_input_width_100_two_programs"],
 )
-def test_qlora_linear_matches_float64_reference_forward_and_backward(x_shape, out_features, rank, with_bias, dtype):
-    _check_against_float64_reference(x_shape, out_features, rank, dtype, with_bias)
+def test_qlora_linear_matches_float64_reference_forward_and_backward(x_shape, out_features, rank, with_bias, dtype,
+                                                                     path):
+    _check_against_float64_reference(x_shape, out_features, rank, dtype, with_bias, tuning=PATHS[path])
 
 
+def test_small_inputs_take_the_host_bound_path_and_large_ones_the_kernels():
+    assert DEFAULT_QLORA_TUNING.host_bound(2048) and DEFAULT_QLORA_TUNING.host_bound(4096)
+    assert not DEFAULT_QLORA_TUNING.host_bound(4097)
+    assert not QLoRATuning(host_bound_max_rows=0).host_bound(1)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("rank", [1, 8, 32])
 @pytest.mark.parametrize("inside", [True, False], ids=["lora_inside_gemm", "lora_before_gemm"])
-def test_both_forward_paths_match_float64_reference(inside, rank, dtype):
+def test_both_forward_paths_match_float64_reference(inside, rank, dtype, path):
     # [x | x_a] @ [W | B].T, or the LoRA product first and the GEMM accumulating onto it: chosen by the shape
     # against the tuning's widening threshold (here 128 -> 96, which by default goes before the GEMM).
-    tuning = QLoRATuning(lora_inside_gemm_min_widening=0.0 if inside else float("inf"))
+    tuning = dataclasses.replace(PATHS[path], lora_inside_gemm_min_widening=0.0 if inside else float("inf"))
     quant_state = _check_against_float64_reference((2, 3, 128), 96, rank, dtype, with_bias=True, tuning=tuning)
     assert lora_inside_gemm(quant_state, rank, tuning) == inside
     assert not lora_inside_gemm(quant_state, rank, DEFAULT_QLORA_TUNING)
@@ -209,7 +223,7 @@ def test_side_stream_overlap_changes_no_bit_of_outputs_or_grads(on_default_strea
 
     results = {}
     for overlap in (False, True):
-        tuning = QLoRATuning(overlap_on_side_stream=overlap)
+        tuning = QLoRATuning(overlap_on_side_stream=overlap, host_bound_max_rows=0)  # 2048 rows: use it anyway
         stream = torch.cuda.current_stream() if on_default_stream else torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

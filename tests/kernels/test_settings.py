@@ -19,7 +19,7 @@ def test_the_defaults_are_the_tuned_launch_choices():
     )
     assert DEFAULT_QLORA_TUNING == QLoRATuning(
         overlap_on_side_stream=True, lora_inside_gemm_min_widening=1.0, lora_inside_gemm_max_rank=32,
-        thin_products=DEFAULT_THIN_TILING,
+        thin_products=DEFAULT_THIN_TILING, host_bound_max_rows=4096,
     )
 
 
@@ -48,6 +48,7 @@ def test_settings_cannot_be_changed_once_made(settings):
         (ThinTiling, dict(max_rank=-1)),
         (QLoRATuning, dict(lora_inside_gemm_min_widening=-1.0)),
         (QLoRATuning, dict(lora_inside_gemm_max_rank=-1)),
+        (QLoRATuning, dict(host_bound_max_rows=-1)),
     ],
     ids=lambda value: value.__name__ if isinstance(value, type) else next(iter(value)),
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -75,9 +76,10 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(step: Callable[[], torch.Tensor], count: int, device: str) -> StepLog:
+def timed_steps(step: Callable[[], torch.Tensor], count: int, device: str, profile_to: Path | None = None) -> StepLog:
     """Run ``step`` (one optimizer step; returns its loss, not yet read) ``count`` times, each timed
-    whole; the loss is read after the timing, so that reading it adds no host sync to the step."""
+    whole; the loss is read after the timing, so that reading it adds no host sync to the step.
+    With ``profile_to``, one more step runs under the profiler (untimed), its tables written there."""
     import time
 
     log = StepLog()
@@ -88,4 +90,37 @@ def timed_steps(step: Callable[[], torch.Tensor], count: int, device: str) -> St
         synchronize(device)
         log.times.append(time.perf_counter() - start)
         log.losses.append(float(loss))
+    if profile_to is not None:
+        with StepProfile(profile_to, device):
+            step()
     return log
+
+
+class StepProfile:
+    """A context that profiles what runs inside it (host ops and, on CUDA, GPU kernels) and writes two
+    tables to ``directory``: ops by GPU time and by host time, each by self time so nothing counts twice."""
+
+    def __init__(self, directory: Path, device: str) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.directory, self.device = Path(directory), device
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        self.profiler = profile(activities=activities)
+
+    def __enter__(self) -> StepProfile:
+        synchronize(self.device)
+        self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        synchronize(self.device)
+        self.profiler.__exit__(*exc)
+        if exc[0] is None:
+            self.write()
+
+    def write(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        averages = self.profiler.key_averages()
+        by_device = "self_cuda_time_total" if self.device == "cuda" else "self_cpu_time_total"
+        for name, key in (("by_gpu_time.txt", by_device), ("by_host_time.txt", "self_cpu_time_total")):
+            (self.directory / name).write_text(averages.table(sort_by=key, row_limit=60, max_name_column_width=90))

@@ -27,7 +27,7 @@ from typing import Any
 import lightning
 import torch
 
-from .measure import StepLog, synchronize, timed_steps
+from .measure import StepLog, StepProfile, synchronize, timed_steps
 from .work import BenchWork
 
 RECIPES = ("standard", "unsloth", "liger", "ours")
@@ -55,10 +55,11 @@ class Unavailable(Exception):
 
 
 def run_recipe(name: str, work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], steps: int,
-               overrides: Sequence[str] = ()) -> RecipeRun:
-    """Build recipe ``name`` and run ``steps`` steps on ``batch``."""
+               overrides: Sequence[str] = (), profile_to: Path | None = None) -> RecipeRun:
+    """Build recipe ``name`` and run ``steps`` steps on ``batch`` (and, with ``profile_to``, one more
+    under the profiler, its tables written there)."""
     if name == "ours":
-        return run_ours(work, checkpoint, batch, steps, overrides)
+        return run_ours(work, checkpoint, batch, steps, overrides, profile_to)
     if overrides:
         raise ValueError(f"overrides {list(overrides)} configure this framework's recipe only")
     started = time.perf_counter()
@@ -84,7 +85,7 @@ def run_recipe(name: str, work: BenchWork, checkpoint: Path, batch: dict[str, to
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return RecipeRun(timed_steps(step, steps, work.device), weights, built, trainable_count(model))
+    return RecipeRun(timed_steps(step, steps, work.device, profile_to), weights, built, trainable_count(model))
 
 
 def device_bytes(device: str) -> int | None:
@@ -187,6 +188,7 @@ def compose_train_config(work: BenchWork, checkpoint: Path, steps: int, override
         f"lora.target_modules='{lora_target_pattern(work)}'", "logger=csv",
         f"paths.output_dir={scratch}", f"paths.cache_dir={scratch}/cache", "calibration.measure=false",
         f"trainer.max_steps={steps}",
+        f"optimizer.lr={LEARNING_RATE}",  # the peers' (the demo data group sets its own)
     ]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("train", overrides=[*base, *overrides])
@@ -204,7 +206,7 @@ def _full_size_model_config(family_name: str) -> str:
 
 
 def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], steps: int,
-             overrides: Sequence[str]) -> RecipeRun:
+             overrides: Sequence[str], profile_to: Path | None = None) -> RecipeRun:
     from hydra.utils import instantiate
 
     from vlm.build.model import build_model
@@ -213,20 +215,21 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
     from vlm.training.module import VisionLanguageFineTuner
 
     started = time.perf_counter()
-    cfg = compose_train_config(work, checkpoint, steps, overrides)
+    total = steps + (profile_to is not None)  # the profiled step comes after the timed ones
+    cfg = compose_train_config(work, checkpoint, total, overrides)
     plan = run_plan(cfg)
     lightning.seed_everything(plan.seed, verbose=False)
     planning = plan_checkpoint(str(checkpoint), plan.family, plan.quant, plan.calibration, device=work.device)
     built = build_model(plan.model_recipe(str(checkpoint), work.device), planning)
     weights = device_bytes(work.device)
     module = VisionLanguageFineTuner(built.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
-    timer = StepTimer(work.device)
+    timer = StepTimer(work.device, timed=steps, profile_to=profile_to)
     trainer = instantiate(
         cfg.trainer, logger=False, callbacks=[timer], enable_checkpointing=False,
         enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0, val_check_interval=None,
         check_val_every_n_epoch=None,
     )
-    loader = torch.utils.data.DataLoader(RepeatedBatch(batch, steps), batch_size=None)
+    loader = torch.utils.data.DataLoader(RepeatedBatch(batch, total), batch_size=None)
     build_s = time.perf_counter() - started
     trainer.fit(module, train_dataloaders=loader)
     return RecipeRun(timer.steps, weights, build_s, trainable_count(built.model))
@@ -246,19 +249,28 @@ class RepeatedBatch(torch.utils.data.Dataset):
 
 
 class StepTimer(lightning.Callback):
-    """The wall time of each training batch (forward, backward, optimizer step), device-synchronised,
-    and its loss, read after the timing."""
+    """The wall time of each of the first ``timed`` training batches (forward, backward, optimizer
+    step), device-synchronised, and its loss, read after the timing; with ``profile_to``, the batch
+    after them runs under the profiler."""
 
-    def __init__(self, device: str) -> None:
-        self.device = device
+    def __init__(self, device: str, timed: int, profile_to: Path | None = None) -> None:
+        self.device, self.timed, self.profile_to = device, timed, profile_to
         self.steps = StepLog()
         self._start = 0.0
+        self._profile: StepProfile | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if batch_idx >= self.timed and self.profile_to is not None:
+            self._profile = StepProfile(self.profile_to, self.device).__enter__()
+            return
         synchronize(self.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if self._profile is not None:
+            self._profile.__exit__(None, None, None)
+            self._profile = None
+            return
         synchronize(self.device)
         self.steps.times.append(time.perf_counter() - self._start)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

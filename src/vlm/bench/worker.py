@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 RESULT_PREFIX = "RESULT "
@@ -39,7 +40,9 @@ def measure(spec: dict[str, Any]) -> None:
         batch = make_batch(work, checkpoint)
         if work.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        run = run_recipe(spec["recipe"], work, checkpoint, batch, spec["steps"], spec.get("overrides", ()))
+        profile_to = spec.get("profile_to")
+        run = run_recipe(spec["recipe"], work, checkpoint, batch, spec["steps"], spec.get("overrides", ()),
+                         None if profile_to is None else Path(profile_to))
     except Unavailable as error:
         report(spec, status="unavailable", reason=str(error))
         return

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from vlm.models import loading
+from vlm.models.checkpointing import ActivationOffloader, enable_checkpointing
 from vlm.models.families import ModelFamily
-from vlm.models.lora import LoraSettings, apply_lora, enable_gradient_checkpointing
+from vlm.models.lora import LoraSettings, apply_lora
 from vlm.patching import KernelSettings, PatchReport, apply_kernels
 from vlm.quant.config import QuantConfig
 from vlm.quant.fidelity import Fidelity
@@ -34,7 +35,7 @@ class ModelRecipe:
     quant: QuantConfig
     lora: LoraSettings
     kernels: KernelSettings = KernelSettings()
-    gradient_checkpointing: bool = True
+    checkpointing: str = "standard"  # none | standard | offload
     device: str = "cpu"
     attn_implementation: str | None = "sdpa"
 
@@ -65,6 +66,7 @@ class BuiltModel:
     stored_bytes: int = 0  # weights, buffers and quantization state as loaded (before LoRA)
     loaded_fidelity: Fidelity | None = None  # against the 16-bit reference, where planning kept one
     patches: PatchReport = field(default_factory=PatchReport)
+    offloader: ActivationOffloader | None = None  # under checkpointing=offload: what it moved
 
     def summary(self) -> str:
         return "; ".join(f"{r.step}: {r.summary}" for r in self.reports)
@@ -86,9 +88,12 @@ def build_model(recipe: ModelRecipe, planning: Planning, steps: BuildSteps = Bui
     if steps.kernels:
         built.patches = apply_kernels(built.model, recipe.kernels)
         built.reports.append(StepReport("kernels", built.patches.summary()))
-    if steps.checkpointing and recipe.gradient_checkpointing:
-        enable_gradient_checkpointing(built.model)
-        built.reports.append(StepReport("checkpointing", "activations recomputed in backward"))
+    if steps.checkpointing and recipe.checkpointing != "none":
+        built.offloader = enable_checkpointing(built.model, recipe.checkpointing)
+        summary = "activations recomputed in backward"
+        if built.offloader is not None:
+            summary += ", the layer inputs kept for it in pinned host memory"
+        built.reports.append(StepReport("checkpointing", summary))
     return built
 
 

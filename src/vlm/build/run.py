@@ -49,7 +49,7 @@ class RunPlan:
             quant=self.quant if quant is None else quant,
             lora=self.lora,
             kernels=self.kernels,
-            gradient_checkpointing=self.spec.gradient_checkpointing,
+            checkpointing=self.spec.checkpointing,
             device=device,
             attn_implementation=self.spec.attn_implementation,
         )
@@ -57,7 +57,7 @@ class RunPlan:
 
 # RunFacts fields that say what the trainable weights depend on, and those that describe the run.
 BUILD_FIELDS = ("family", "checkpoint", "quant_method", "quant_policy", "kept_in_16bit", "lora_r", "lora_alpha", "lora_targets")
-RUN_FIELDS = ("weight_bytes", "quant_fidelity", "kernels", "max_seq_length", "resumed_from")
+RUN_FIELDS = ("weight_bytes", "quant_fidelity", "kernels", "checkpointing", "max_seq_length", "resumed_from")
 
 
 def _listed(value: Any) -> Any:
@@ -79,6 +79,7 @@ class RunFacts:
     lora_alpha: int
     lora_targets: str | list[str]
     kernels: dict[str, int]  # kernel → places it was patched into
+    checkpointing: str  # none | standard | offload
     max_seq_length: int
     identity: JobIdentity
     resumed_from: str | None = None  # the checkpoint this run continued
@@ -102,6 +103,7 @@ class RunFacts:
             lora_alpha=plan.lora.alpha,
             lora_targets=plan.lora.target_modules if isinstance(plan.lora.target_modules, str) else list(plan.lora.target_modules),
             kernels=dict(built.patches.patched),
+            checkpointing=plan.spec.checkpointing,
             max_seq_length=plan.max_seq_length,
             identity=plan.identity,
             resumed_from=resumed_from,

@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--same-optimization", action="store_true",
                         help="this framework's recipe optimizes as the peers do (constant lr, no clipping), so that "
                              "its loss curve can be compared with the standard recipe's step by step")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step of each recipe after the timed ones; its op tables (by GPU and by "
+                             "host time) go to --out/profile/<recipe>-<tokens>/")
     parser.add_argument("overrides", nargs="*", help="train-config overrides for this framework's recipe")
     args = parser.parse_args(argv)
     if args.same_optimization:  # first: an override the user gives still wins
@@ -67,10 +70,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_worker(recipe: str, work: BenchWork, steps: int, warmup: int, overrides: list[str], timeout: int,
-               log_path: Path) -> dict[str, Any]:
+               log_path: Path, profile_to: Path | None = None) -> dict[str, Any]:
     """One recipe in its own process; its measurement (a failed process is a ``failed`` row)."""
     spec = {"recipe": recipe, "work": asdict(work), "steps": steps, "warmup": warmup,
-            "overrides": overrides if recipe == "ours" else []}
+            "overrides": overrides if recipe == "ours" else [],
+            "profile_to": None if profile_to is None else str(profile_to)}
     command = [sys.executable, "-m", "vlm.bench.worker", json.dumps(spec)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1", "WANDB_MODE": "disabled"}
     try:
@@ -226,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for recipe in args.recipes:
             work = BenchWork(**{**asdict(base), "tokens": tokens})
             print(f"{recipe} at {tokens} tokens × {batch_size} …", flush=True)
-            result = run_worker(recipe, work, args.steps, args.warmup, args.overrides, args.timeout, log_path)
+            profile_to = args.out / "profile" / f"{recipe}-{tokens}" if args.profile else None
+            result = run_worker(recipe, work, args.steps, args.warmup, args.overrides, args.timeout, log_path, profile_to)
             results.append(result)
             # Written after every recipe: a benchmark cut short keeps what it measured.
             (args.out / "bench.json").write_text(json.dumps({**context, "partial": True, "results": results}, indent=2))

@@ -1,4 +1,4 @@
-"""Wrapping a loaded model with PEFT LoRA adapters and setting up gradient checkpointing."""
+"""Wrapping a loaded model with PEFT LoRA adapters."""
 
 from __future__ import annotations
 
@@ -151,15 +151,3 @@ def apply_lora(model: nn.Module, family: ModelFamily, settings: LoraSettings) ->
         **settings.extra,
     )
     return get_peft_model(model, config)
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute activations in the backward pass (non-reentrant, so frozen inputs need no grad hook)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    for config in (model.config, getattr(model.config, "text_config", None)):
-        if config is not None:
-            config.use_cache = False  # a KV cache is useless in training and clashes with recomputation

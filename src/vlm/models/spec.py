@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpointing import check_checkpointing
 from .families import FAMILIES
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -73,7 +74,7 @@ class ModelSpec:
     checkpoint: str | None = None
     tiny_dir: str | None = None
     attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = True
+    checkpointing: str = "standard"  # none | standard | offload (vlm.models.checkpointing)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -99,8 +100,7 @@ class ModelSpec:
             raise ValueError(
                 f"model.attn_implementation={self.attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}"
             )
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(f"model.gradient_checkpointing={self.gradient_checkpointing!r} must be true or false")
+        check_checkpointing(self.checkpointing)
 
     @property
     def is_tiny(self) -> bool:

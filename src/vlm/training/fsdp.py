@@ -71,7 +71,7 @@ def fsdp_arguments(layer_classes: frozenset[type]) -> dict[str, Any]:
     4-bit weights included, whose bytes are not numbers. Without it the LoRA weights stay fp32
     (master and compute copy), and the run's ``bf16-mixed`` autocast computes in bf16 as it does
     on one GPU. Activations are checkpointed per decoder layer by the model itself
-    (``model.gradient_checkpointing``), inside each unit, as on one GPU.
+    (``model.checkpointing``), inside each unit, as on one GPU.
     """
     from torch.distributed.fsdp import MixedPrecision
 

@@ -1,0 +1,154 @@
+"""Activation checkpointing: ``none``, ``standard`` and ``offload`` train the same weights the same way;
+``offload`` keeps each checkpointed layer input in host memory from its forward to its backward and
+brings it back one layer ahead."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_models import one_image_conversation
+
+from vlm.models.checkpointing import ActivationOffloader, enable_checkpointing
+from vlm.models.families import get_family
+from vlm.models.loading import load_model, load_processor
+from vlm.models.lora import LoraSettings, apply_lora
+from vlm.models.spec import ModelSpec
+from vlm.quant.config import QuantConfig
+
+FAMILIES = ["mllama", "qwen2_vl", "llava"]
+
+
+@pytest.fixture(scope="module")
+def built(tiny_checkpoint):
+    """A tiny QLoRA model per family, with non-zero LoRA B (so that every LoRA grad is non-zero), and its batch."""
+    made = {}
+
+    def build(model_type):
+        if model_type not in made:
+            family = get_family(model_type)
+            path = tiny_checkpoint(model_type)
+            torch.manual_seed(0)
+            model = apply_lora(load_model(path, family, QuantConfig())[0], family, LoraSettings(r=4, alpha=8))
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if "lora_B" in name:
+                        parameter.normal_(0, 0.02)
+            made[model_type] = model.train(), one_image_conversation(load_processor(path, family))
+        return made[model_type]
+
+    return build
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _decoder_layers_checkpointed(model) -> int:
+    return sum(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_mode_gives_the_loss_and_grads_of_standard_checkpointing(built, model_type, one_cpu_thread):
+    model, batch = built(model_type)
+    results = {}
+    for mode in ("standard", "none", "offload"):
+        enable_checkpointing(model, mode, ActivationOffloader(min_bytes=0))
+        results[mode] = _loss_and_grads(model, batch)
+    loss, grads = results["standard"]
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    for mode in ("none", "offload"):
+        other_loss, other_grads = results[mode]
+        assert torch.equal(other_loss, loss), mode  # the same ops on the same values: bit for bit
+        for name, grad in grads.items():
+            torch.testing.assert_close(other_grads[name], grad, rtol=0, atol=0, msg=f"{mode}: {name}")
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_offload_moves_each_layer_input_out_and_back_one_layer_ahead(built, model_type, one_cpu_thread):
+    model, batch = built(model_type)
+    offloader = enable_checkpointing(model, "offload", ActivationOffloader(min_bytes=0))
+    layers = _decoder_layers_checkpointed(model)
+    assert layers > 0
+    loss = model(**batch).loss
+    # Held for the backward: one input per layer whose output the loss depends on through a LoRA
+    # weight. (A frozen tower's layers may be checkpointed too, but their graph is dropped at once.)
+    held = len(offloader._waiting())
+    assert 0 < held <= offloader.counts.offloaded <= layers
+    loss.backward()
+    counts = offloader.counts
+    assert counts.fetched_on_demand == 1  # the last layer: its backward comes first
+    assert counts.fetched_ahead == held - 1
+    assert offloader._waiting() == []
+    model.zero_grad(set_to_none=True)
+
+
+def test_nothing_is_offloaded_without_grad_or_below_the_size_worth_a_copy(built, one_cpu_thread):
+    model, batch = built("qwen2_vl")
+    offloader = enable_checkpointing(model, "offload", ActivationOffloader(min_bytes=0))
+    with torch.no_grad():
+        model(**batch)
+    model.eval()
+    model(**batch)  # eval: Hugging Face does not checkpoint
+    model.train()
+    assert offloader.counts.offloaded == 0
+    small = enable_checkpointing(model, "offload", ActivationOffloader(min_bytes=1 << 30))
+    model(**batch).loss.backward()
+    assert small.counts.offloaded == 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_a_second_backward_through_the_same_graph_is_refused_with_the_reason(built, one_cpu_thread):
+    model, batch = built("qwen2_vl")
+    enable_checkpointing(model, "offload", ActivationOffloader(min_bytes=0))
+    loss = model(**batch).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def test_the_mode_is_checked_where_it_enters(tiny_checkpoint):
+    with pytest.raises(ValueError, match=r"model\.checkpointing='sometimes' must be one of none, standard, offload"):
+        ModelSpec(family="qwen2_vl", tiny_dir="unused", checkpointing="sometimes")
+    with pytest.raises(ValueError, match="must be one of"):
+        enable_checkpointing(torch.nn.Linear(2, 2), "on")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_offload_frees_the_layer_inputs_on_the_gpu_and_gives_the_same_grads():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
+                         num_attention_heads=8, num_key_value_heads=8)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).train()
+    ids = torch.randint(0, 256, (1, 8192), device="cuda")
+    layer_input_bytes = ids.numel() * config.hidden_size * 2
+    results = {}
+    for mode in ("standard", "offload"):
+        offloader = enable_checkpointing(model, mode)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        # An allocation makes the allocator release the blocks the copy stream has finished reading.
+        torch.empty(1, device="cuda")
+        held = torch.cuda.memory_allocated() - before  # what the graph keeps for the backward
+        loss.backward()
+        torch.cuda.synchronize()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[mode] = held, loss.detach(), grads, offloader
+    held_standard, loss, grads, _ = results["standard"]
+    held_offload, loss_offload, grads_offload, offloader = results["offload"]
+    assert offloader.counts.offloaded == config.num_hidden_layers
+    assert offloader.counts.fetched_ahead == config.num_hidden_layers - 1
+    assert held_standard - held_offload >= 0.9 * config.num_hidden_layers * layer_input_bytes
+    assert torch.equal(loss_offload, loss)  # the same forward
+    # Attention's backward kernels need not be deterministic on a GPU: bitwise equality is checked on the CPU.
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_offload[name], grad, rtol=2e-2, atol=1e-3, msg=name)
