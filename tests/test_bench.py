@@ -8,6 +8,7 @@ path the GPU benchmark takes is tested, and the timing and reporting are checked
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import pytest
@@ -154,6 +155,14 @@ def test_llava_is_benchmarked_as_its_anchors_were_two_sequences_and_lora_on_atte
     per_layer = 64 * (2 * text.hidden_size + 2 * text.hidden_size) + 64 * 2 * (
         text.hidden_size + text.num_key_value_heads * head_dim)
     assert standard["trainable_params"] == text.num_hidden_layers * per_layer  # r64 on q, k, v and o only
+
+
+def test_a_calibrated_policy_is_benchmarked_calibrating_on_the_benchs_batch(tmp_path):
+    report = bench.main(["--smoke", "--tokens", "160", "--steps", "2", "--warmup", "1", "--recipes", "ours",
+                         "--out", str(tmp_path), "--model-dir", str(tmp_path / "ckpt"), "quant=dynamic"])
+    (ours,) = report["results"]
+    assert ours["status"] == "ok", ours["reason"]
+    assert len(ours["losses"]) == 2 and all(math.isfinite(loss) for loss in ours["losses"])
 
 
 def test_our_recipe_learns_at_the_peers_rate_whatever_the_data_group_sets(tmp_path):

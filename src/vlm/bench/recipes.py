@@ -219,7 +219,14 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
     cfg = compose_train_config(work, checkpoint, total, overrides)
     plan = run_plan(cfg)
     lightning.seed_everything(plan.seed, verbose=False)
-    planning = plan_checkpoint(str(checkpoint), plan.family, plan.quant, plan.calibration, device=work.device)
+    # A calibrated policy (quant=dynamic) measures the layers on the bench's own batch.
+    planning = plan_checkpoint(str(checkpoint), plan.family, plan.quant, plan.calibration, device=work.device,
+                               calibration_batches=[batch])
+    if work.device == "cuda":
+        # Calibrating loads the 16-bit model once, before training (vlm-quantize does it offline and
+        # caches the plan): the peak measured is the build's and the training's, as for the peers.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     built = build_model(plan.model_recipe(str(checkpoint), work.device), planning)
     weights = device_bytes(work.device)
     module = VisionLanguageFineTuner(built.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
