@@ -115,6 +115,26 @@ def test_both_forward_paths_match_float64_reference(inside, rank, dtype, path):
     assert not lora_inside_gemm(quant_state, rank, DEFAULT_QLORA_TUNING)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_fp32_lora_weights_are_cast_inside_and_their_grads_come_back_in_fp32(path):
+    # As PEFT keeps them: fp32 adapters on a bf16 model. The same bits as casting them through autograd first.
+    generator = torch.Generator().manual_seed(4)
+    packed, quant_state, lora_A, lora_B, _ = _random_layer(96, 128, 8, torch.bfloat16, False, generator)
+    lora_A, lora_B = lora_A.float(), lora_B.float()
+    x = torch.randn(2, 5, 128, generator=generator).to(DEVICE, torch.bfloat16)
+    grad_out = torch.randn(2, 5, 96, generator=generator).to(DEVICE, torch.bfloat16)
+    common = dict(weight4bit=packed, quant_state=quant_state, scaling=2.0, tuning=PATHS[path])
+
+    def cast_first(x, lora_A, lora_B, **kwargs):
+        return qlora_linear(x, lora_A=lora_A.to(torch.bfloat16), lora_B=lora_B.to(torch.bfloat16), **kwargs)
+
+    inside = _forward_and_grads(qlora_linear, x, lora_A, lora_B, grad_out, **common)
+    outside = _forward_and_grads(cast_first, x, lora_A, lora_B, grad_out, **common)
+    assert inside[2].dtype == inside[3].dtype == torch.float32
+    for a, b in zip(inside, outside):  # out, grad x, grad A, grad B
+        assert_same_bits(a, b)
+
+
 def test_only_lora_grads_when_input_is_frozen():
     generator = torch.Generator().manual_seed(2)
     packed, quant_state, lora_A, lora_B, _ = _random_layer(40, 70, 4, torch.float32, False, generator)

@@ -194,8 +194,8 @@ def patch_qlora_linears(model: nn.Module, report: PatchReport) -> None:
             # As bitsandbytes does: compute in the layer's compute dtype, answer in the input's.
             compute = self.base_layer.compute_dtype or x.dtype
             bias = self.base_layer.bias
-            out = qlora_linear(
-                x.to(compute), weight, weight.quant_state, a.to(compute), b.to(compute),
+            out = qlora_linear(  # it casts a and b to the compute dtype itself, outside autograd's graph
+                x.to(compute), weight, weight.quant_state, a, b,
                 self.scaling[adapter], None if bias is None else bias.to(compute),
             )
             return out.to(x.dtype)
