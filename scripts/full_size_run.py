@@ -14,6 +14,7 @@ what the run validated.
 
     python scripts/full_size_run.py --out /tmp/full-size
     python scripts/full_size_run.py --architecture 90b --strategies fsdp --devices 2 --model-dir /tmp/mllama90b
+    python scripts/full_size_run.py --strategies ddp --devices 1 2 kernels=all model.checkpointing=offload  # scaling
 
 About 25 GB of disk for the checkpoint; on an H200 a few minutes in all, most of it writing and
 loading the checkpoint.
@@ -88,9 +89,8 @@ def ensure_checkpoint(path: Path, architecture: str = "11b") -> Path:
 VALIDATION_SAMPLES = 16  # trainer.limit_val_batches=4 batches of data.val_batch_size=4
 
 
-def train(checkpoint: Path, out: Path, strategy: str, steps: int, devices: int = 1) -> dict:
-    """One ``vlm-train`` run; its metrics.json."""
-    run = out / strategy
+def train(checkpoint: Path, run: Path, strategy: str, steps: int, devices: int = 1, overrides: tuple = ()) -> dict:
+    """One ``vlm-train`` run into ``run``; its metrics.json."""
     command = [
         sys.executable, "-m", "vlm.cli.train",
         "model=llama32_vision_11b", f"model.checkpoint={checkpoint}",
@@ -99,7 +99,8 @@ def train(checkpoint: Path, out: Path, strategy: str, steps: int, devices: int =
         "data.batch_size=4", "data.val_batch_size=4", "data.num_workers=2", "optimizer.lr=1e-3",
         # The 16-bit model would load whole to measure each layer's quantization error: not what is measured here.
         "calibration.measure=false",
-        "logger=csv", "callbacks=default", f"hydra.run.dir={run}", f"paths.cache_dir={out / 'cache'}",
+        "logger=csv", "callbacks=default", f"hydra.run.dir={run}", f"paths.cache_dir={run.parent / 'cache'}",
+        *overrides,
     ]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True, env={**os.environ, "WANDB_MODE": "offline"})
@@ -126,31 +127,39 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--strategies", nargs="+", default=["fsdp", "ddp"], choices=["fsdp", "ddp", "gpu"])
     parser.add_argument("--architecture", choices=["11b", "90b"], default="11b")
-    parser.add_argument("--devices", type=int, default=1, help="GPUs per run (trainer.devices)")
+    parser.add_argument("--devices", type=int, nargs="+", default=[1],
+                        help="GPUs per run (trainer.devices); several counts run one after another, and the "
+                             "tokens/s of each is given against the fewest's")
+    parser.add_argument("overrides", nargs="*", help="further vlm-train overrides, e.g. kernels=all")
     args = parser.parse_args()
 
     checkpoint = ensure_checkpoint(args.model_dir, args.architecture)
     rows = {}
     for strategy in args.strategies:
-        m = train(checkpoint, args.out, strategy, args.steps, args.devices)
-        rows[strategy] = {key: m.get(key) for key in (
-            "status", "first_train_loss", "last_train_loss", "initial_val_loss", "final_val_loss",
-            "tokens_per_s", "peak_memory_bytes", "peak_memory_per_rank", "mean_step_time_s", "wall_time_s",
-            "weight_bytes", "strategy")}
-        rows[strategy].update(reloaded_losses(args.out / strategy, VALIDATION_SAMPLES))
+        for devices in args.devices:
+            name = strategy if args.devices == [1] else f"{strategy}x{devices}"
+            m = train(checkpoint, args.out / name, strategy, args.steps, devices, tuple(args.overrides))
+            rows[name] = {key: m.get(key) for key in (
+                "status", "first_train_loss", "last_train_loss", "initial_val_loss", "final_val_loss",
+                "tokens_per_s", "peak_memory_bytes", "peak_memory_per_rank", "mean_step_time_s", "wall_time_s",
+                "weight_bytes", "strategy")}
+            rows[name]["devices"] = devices
+            rows[name].update(reloaded_losses(args.out / name, VALIDATION_SAMPLES))
+            fewest = rows[name if devices == args.devices[0] else f"{strategy}x{args.devices[0]}"]
+            rows[name]["scaling"] = rows[name]["tokens_per_s"] / fewest["tokens_per_s"]
     (args.out / "summary.json").write_text(json.dumps(rows, indent=2))
-    print(f"{'':6}{'train loss':>22}{'val loss':>22}{'reloaded':>10}{'tokens/s':>10}{'peak GiB':>10}")
+    print(f"{'':9}{'train loss':>22}{'val loss':>22}{'reloaded':>10}{'tokens/s':>10}{'scaling':>9}{'peak GiB':>10}")
     fell = True
-    for strategy, r in rows.items():
+    for name, r in rows.items():
         fell &= r["last_train_loss"] < r["first_train_loss"] and r["final_val_loss"] < r["initial_val_loss"]
         # The adapter read back keeps what was learned; on one GPU it scores what the run validated (the
         # same samples; bf16: to a part in a hundred). On several, each rank validated shards of its own.
         fell &= r["reloaded_val_loss"] < r["reloaded_base_loss"]
-        if args.devices == 1:
+        if r["devices"] == 1:
             fell &= abs(r["reloaded_val_loss"] - r["final_val_loss"]) <= 1e-2 * r["final_val_loss"]
-        print(f"{strategy:6}{r['first_train_loss']:>10.4f} → {r['last_train_loss']:<9.4f}"
+        print(f"{name:9}{r['first_train_loss']:>10.4f} → {r['last_train_loss']:<9.4f}"
               f"{r['initial_val_loss']:>10.4f} → {r['final_val_loss']:<9.4f}{r['reloaded_val_loss']:>10.4f}"
-              f"{r['tokens_per_s']:>10.0f}{r['peak_memory_bytes'] / 2**30:>10.2f}")
+              f"{r['tokens_per_s']:>10.0f}{r['scaling']:>8.2f}×{r['peak_memory_bytes'] / 2**30:>10.2f}")
     print(f"RESULT {json.dumps(rows)}")
     sys.exit(0 if fell else 1)
 
