@@ -18,7 +18,7 @@ import torch
 from ._settings import require_at_least
 from .qlora.nf4 import dequantize_nf4, dequantize_nf4_reference, dequantize_nf4_widened, widens_nf4
 from .qlora.side_stream import SideStream
-from .qlora.thin_products import DEFAULT_THIN_TILING, ThinTiling, thin_products
+from .qlora.thin_products import DEFAULT_THIN_TILING, ThinTiling, thin_products, thin_products_reference
 from .qlora.widen_with_lora import widen_with_lora, widened_width
 
 __all__ = [
@@ -111,15 +111,6 @@ def _forward_lora_before_gemm(beside, x, weight4bit, quant_state, lora_A, lora_B
     return out, x_a
 
 
-def _cublas_thin_products(big, right, left, right_scale, tiling):  # noqa: ANN001, ANN202, ARG001
-    """What ``thin_products`` gives, in one cuBLAS launch per product (``big`` read twice): each sum in fp32,
-    scaled in the epilogue and rounded once."""
-    return (
-        None if right is None else torch.addmm(big.new_empty(()), big, right, beta=0, alpha=right_scale),
-        None if left is None else torch.mm(big.t(), left),
-    )
-
-
 class QLoRALinearFunction(torch.autograd.Function):
     """Forward and backward of the QLoRA linear on 2-D inputs; W frozen, x and bias in one dtype, the LoRA
     weights in any (cast to x's inside).
@@ -155,11 +146,11 @@ class QLoRALinearFunction(torch.autograd.Function):
             weight = beside.start(lambda: dequantize_nf4(weight4bit, ctx.quant_state, dtype=grad_out.dtype))
         if needs_x or needs_A or needs_B:
             # scaling * dy @ B, the grad of the LoRA intermediate, and grad B = dy.T @ x_a (x_a carries the scaling).
-            products = _cublas_thin_products if host_bound else thin_products
-            grad_x_a, grad_B = products(
-                grad_out, lora_B if needs_x or needs_A else None, x_a if needs_B else None, right_scale=ctx.scaling,
-                tiling=tuning.thin_products,
-            )
+            operands = grad_out, lora_B if needs_x or needs_A else None, x_a if needs_B else None
+            if host_bound:  # one cuBLAS launch per product
+                grad_x_a, grad_B = thin_products_reference(*operands, right_scale=ctx.scaling)
+            else:
+                grad_x_a, grad_B = thin_products(*operands, right_scale=ctx.scaling, tiling=tuning.thin_products)
         if needs_A:
             grad_A = beside.start(lambda: torch.mm(grad_x_a.t(), x), grad_x_a, x)
         if needs_x:
@@ -183,8 +174,8 @@ def qlora_linear(
 
     ``weight4bit``/``quant_state`` are a bitsandbytes NF4 ``Params4bit`` and its ``QuantState``
     (W is frozen); ``lora_A`` is [r, in], ``lora_B`` is [out, r]. Everything is computed in x's
-    dtype (LoRA weights and bias are cast to it, differentiably: grads come back in their own dtypes); no dropout. ``tuning`` holds the
-    launch choices (see ``QLoRATuning``).
+    dtype (LoRA weights and bias are cast to it, differentiably: grads come back in their own
+    dtypes); no dropout. ``tuning`` holds the launch choices (see ``QLoRATuning``).
     """
     out_features, in_features = (int(s) for s in quant_state.shape)
     if x.shape[-1] != in_features:

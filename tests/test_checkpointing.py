@@ -75,13 +75,13 @@ def test_offload_moves_each_layer_input_out_and_back_one_layer_ahead(built, mode
     loss = model(**batch).loss
     # Held for the backward: one input per layer whose output the loss depends on through a LoRA
     # weight. (A frozen tower's layers may be checkpointed too, but their graph is dropped at once.)
-    held = len(offloader._waiting())
+    held = len(offloader.waiting())
     assert 0 < held <= offloader.counts.offloaded <= layers
     loss.backward()
     counts = offloader.counts
     assert counts.fetched_on_demand == 1  # the last layer: its backward comes first
     assert counts.fetched_ahead == held - 1
-    assert offloader._waiting() == []
+    assert offloader.waiting() == []
     model.zero_grad(set_to_none=True)
 
 

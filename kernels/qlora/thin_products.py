@@ -24,9 +24,11 @@ from ._rank_dot import rank_dot_constants
 def thin_products_reference(
     big: torch.Tensor, right: torch.Tensor | None, left: torch.Tensor | None, right_scale: float = 1.0
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(right_scale * big @ right, big.T @ left)``, None where that operand is None."""
+    """``(right_scale * big @ right, big.T @ left)``, None where that operand is None: one cuBLAS launch per
+    product (``big`` read twice), each sum scaled in the epilogue and rounded once. Also what runs where
+    launches cost more than bytes (ranks above the tiling's, and the QLoRA linear's host-bound inputs)."""
     return (
-        None if right is None else torch.mm(big, right) * right_scale,
+        None if right is None else torch.addmm(big.new_empty(()), big, right, beta=0, alpha=right_scale),
         None if left is None else torch.mm(big.t(), left),
     )
 

@@ -62,13 +62,11 @@ def summarize(log: StepLog, warmup: int, tokens_per_step: int) -> dict:
 
 
 def memory_fields(device: str, weights_bytes: int | None) -> dict:
-    if device != "cuda":
-        return {"weights_GB": None if weights_bytes is None else round(weights_bytes / 1e9, 3)}
-    return {
-        "peak_allocated_GB": round(torch.cuda.max_memory_allocated() / 1e9, 3),
-        "peak_reserved_GB": round(torch.cuda.max_memory_reserved() / 1e9, 3),
-        "weights_GB": None if weights_bytes is None else round(weights_bytes / 1e9, 3),
-    }
+    fields = {"weights_GB": None if weights_bytes is None else round(weights_bytes / 1e9, 3)}
+    if device == "cuda":
+        fields["peak_allocated_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+        fields["peak_reserved_GB"] = round(torch.cuda.max_memory_reserved() / 1e9, 3)
+    return fields
 
 
 def synchronize(device: str) -> None:

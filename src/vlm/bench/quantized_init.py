@@ -73,6 +73,8 @@ def _random_linear_4bit(linear: nn.Linear, quant: QuantConfig, device: str, gene
 
 
 def _params_4bit(weight: torch.Tensor, **kwargs: Any) -> nn.Parameter:
+    """The one place a 16-bit weight is handed to bitsandbytes (Linear4bit makes Params4bit of its own,
+    so this is what a check of the 16-bit weights alive at once watches)."""
     import bitsandbytes as bnb
 
     return bnb.nn.Params4bit(weight, **kwargs)

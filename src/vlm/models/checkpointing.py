@@ -93,7 +93,9 @@ class ActivationOffloader:
 
     min_bytes: int = OFFLOAD_MIN_BYTES
     counts: OffloadCounts = field(default_factory=OffloadCounts)
-    _order: list = field(default_factory=list)  # weak references to this step's packed inputs, in forward order
+    # Weak references to the packed inputs, in forward order; those read back or freed are dropped from
+    # the end as the backward reaches them.
+    _order: list = field(default_factory=list)
     _streams: dict = field(default_factory=dict)
 
     def checkpoint(self, function, *args):  # noqa: ANN001, ANN201  (Hugging Face's _gradient_checkpointing_func)
@@ -114,7 +116,6 @@ class ActivationOffloader:
         else:
             host = tensor.clone()  # already in host memory: copied all the same, so the path is the one a GPU takes
         entry = _Offloaded(host, tensor.device)
-        self._order = [weakref.ref(e) for e in self._waiting()]
         self._order.append(weakref.ref(entry))
         self.counts.offloaded += 1
         self.counts.offloaded_bytes += tensor.numel() * tensor.element_size()
@@ -132,10 +133,9 @@ class ActivationOffloader:
             self.counts.fetched_on_demand += 1
         else:
             self.counts.fetched_ahead += 1
-        waiting = self._waiting()
-        index = next((i for i, e in enumerate(waiting) if e is packed), 0)
-        if index > 0 and waiting[index - 1].fetched is None:
-            self._fetch(waiting[index - 1])  # the input the backward needs next
+        following = self._next_needed(packed)
+        if following is not None and following.fetched is None:
+            self._fetch(following)
         tensor = packed.fetched
         if tensor.is_cuda:
             current = torch.cuda.current_stream(tensor.device)
@@ -144,7 +144,16 @@ class ActivationOffloader:
         packed.host = packed.fetched = packed.ready = None  # the graph holds it from here
         return tensor
 
-    def _waiting(self) -> list[_Offloaded]:
+    def _next_needed(self, packed: _Offloaded) -> _Offloaded | None:
+        """The input the backward needs after ``packed``: the one packed last before it. The backward runs
+        in reverse, so ``packed`` is the last one waiting; it and what was read back or freed behind it
+        leave the end of the order."""
+        order = self._order
+        while order and ((last := order[-1]()) is None or last is packed or last.host is None):
+            order.pop()
+        return order[-1]() if order else None
+
+    def waiting(self) -> list[_Offloaded]:
         """The inputs packed and not yet read back, in forward order."""
         entries = (ref() for ref in self._order)
         return [e for e in entries if e is not None and e.host is not None]
