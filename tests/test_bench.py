@@ -98,6 +98,16 @@ def test_out_of_memory_is_reported_not_raised(monkeypatch, capsys):
     assert result["tokens"] == 65536 and result["step_s"] is None
 
 
+@pytest.mark.parametrize("argv", [
+    ["--recipes", "unsloth", "ours", "model.compile=layers", "+trainer.x=1", "--tokens", "2048", "16384", "kernels=none"],
+    ["model.compile=layers", "+trainer.x=1", "--recipes", "unsloth", "ours", "--tokens", "2048", "16384", "kernels=none"],
+])
+def test_overrides_may_follow_options_that_take_several_values(argv):
+    args = bench.parse_args(argv)
+    assert args.recipes == ["unsloth", "ours"] and args.tokens == [2048, 16384]
+    assert args.overrides == ["model.compile=layers", "+trainer.x=1", "kernels=none"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "2", "--warmup", "2"], "--warmup 2"),
     (["kernels"], "not an override"),

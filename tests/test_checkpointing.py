@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_models import one_image_conversation
+from test_models import loss_and_grads, one_image_conversation, qlora_with_live_adapters
 
 from vlm.models.checkpointing import ActivationOffloader, enable_checkpointing
 from vlm.models.families import get_family
-from vlm.models.loading import load_model, load_processor
-from vlm.models.lora import LoraSettings, apply_lora
+from vlm.models.loading import load_processor
 from vlm.models.spec import ModelSpec
-from vlm.quant.config import QuantConfig
 
 FAMILIES = ["mllama", "qwen2_vl", "llava"]
 
@@ -27,23 +25,11 @@ def built(tiny_checkpoint):
         if model_type not in made:
             family = get_family(model_type)
             path = tiny_checkpoint(model_type)
-            torch.manual_seed(0)
-            model = apply_lora(load_model(path, family, QuantConfig())[0], family, LoraSettings(r=4, alpha=8))
-            with torch.no_grad():
-                for name, parameter in model.named_parameters():
-                    if "lora_B" in name:
-                        parameter.normal_(0, 0.02)
+            model = qlora_with_live_adapters(path, family)
             made[model_type] = model.train(), one_image_conversation(load_processor(path, family))
         return made[model_type]
 
     return build
-
-
-def _loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _decoder_layers_checkpointed(model) -> int:
@@ -56,7 +42,7 @@ def test_every_mode_gives_the_loss_and_grads_of_standard_checkpointing(built, mo
     results = {}
     for mode in ("standard", "none", "offload"):
         enable_checkpointing(model, mode, ActivationOffloader(min_bytes=0))
-        results[mode] = _loss_and_grads(model, batch)
+        results[mode] = loss_and_grads(model, batch)
     loss, grads = results["standard"]
     assert all(g.abs().sum() > 0 for g in grads.values())
     for mode in ("none", "offload"):

@@ -87,6 +87,7 @@ INVALID = [
     ("model.checkpoint=./no/such/dir", r"model\.checkpoint='\./no/such/dir' is a local path"),
     ("model.checkpoint='not a hub id'", r"model\.checkpoint='not a hub id' is neither an existing local directory nor a Hub id"),
     ("model.checkpointing=maybe", r"model\.checkpointing='maybe' must be one of none, standard, offload"),
+    ("model.compile=maybe", r"model\.compile='maybe' must be one of none, layers"),
     ("+model.gradient_checkpointing=true", r"model\.gradient_checkpointing is not a setting of vlm\.models\.spec\.ModelSpec; did you mean model\.checkpointing\?"),
     ("+model.famly=qwen2_vl", r"model\.famly is not a setting of vlm\.models\.spec\.ModelSpec; did you mean model\.family\?"),
     ("quant.double_quant=maybe", r"quant\.double_quant='maybe' must be true or false"),
@@ -128,6 +129,25 @@ def test_lora_targets_that_match_no_linear_layer_stop_the_run_before_weights_loa
     cfg = compose_small("train", tmp_path, *SMALL, "lora.target_modules=[nonexistent_proj]")
     with pytest.raises(ConfigError, match=r"lora\.target_modules=\['nonexistent_proj'\] matches no linear layer.*q_proj"):
         train(cfg)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.compile=layers", "kernels=all"],
+     r"model\.compile=layers .* \(rms_norm, layer_norm, rope, swiglu, geglu, lora\): set kernels\.rms_norm=false .*kernels\.lora=false"),
+    (["model.compile=layers", "kernels.lora=true"], r"\(lora\): set kernels\.lora=false \(kernels=none"),
+    (["model.compile=layers", "model.checkpointing=offload"], r"model\.compile=layers does not combine with model\.checkpointing=offload"),
+])
+def test_compiled_layers_refuse_what_they_cannot_take_before_anything_is_built(overrides, message, tmp_path, monkeypatch):
+    nothing_may_be_built(monkeypatch)
+    cfg = compose_small("train", tmp_path, *SMALL, *overrides)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+
+
+def test_compiled_layers_take_the_loss_kernel(tmp_path):
+    from vlm.cli.checks import check_run_config
+
+    check_run_config(compose_small("train", tmp_path, *SMALL, "model.compile=layers", "kernels.cross_entropy=true"))
 
 
 def test_remote_and_keyword_checkpoints_and_other_trainer_settings_pass_the_checks(tmp_path):

@@ -37,6 +37,25 @@ def one_image_conversation(processor, seed: int = 0) -> dict[str, torch.Tensor]:
     return dict(batch)
 
 
+def qlora_with_live_adapters(path: str, family) -> torch.nn.Module:
+    """A tiny 4-bit model of ``family`` with LoRA r 4 whose B is not zero, so that every LoRA grad is non-zero."""
+    torch.manual_seed(0)
+    model = apply_lora(load_model(path, family, QuantConfig())[0], family, LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+    return model
+
+
+def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward and backward from zero grads: the loss and each trainable weight's grad."""
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("model_type", ALL_FAMILIES)
 def test_tiny_checkpoint_round_trips_through_from_pretrained(model_type, tiny_checkpoint):
     family = get_family(model_type)

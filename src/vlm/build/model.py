@@ -1,5 +1,5 @@
 """How a model is built for training, in fixed steps: load → verify → LoRA → frozen parts → kernels →
-checkpointing.
+checkpointing → compile.
 
 Each step takes the model, returns it, and says in one line what it did. Every step after loading
 can be switched off (:class:`BuildSteps`), for an ablation or to inspect the model between steps.
@@ -16,6 +16,7 @@ from torch import nn
 
 from vlm.models import loading
 from vlm.models.checkpointing import ActivationOffloader, enable_checkpointing
+from vlm.models.compiling import compile_decoder_layers, kernels_inside_layers
 from vlm.models.families import ModelFamily
 from vlm.models.lora import LoraSettings, apply_lora
 from vlm.patching import KernelSettings, PatchReport, apply_kernels
@@ -36,6 +37,7 @@ class ModelRecipe:
     lora: LoraSettings
     kernels: KernelSettings = KernelSettings()
     checkpointing: str = "standard"  # none | standard | offload
+    compile: str = "none"  # none | layers
     device: str = "cpu"
     attn_implementation: str | None = "sdpa"
 
@@ -49,6 +51,7 @@ class BuildSteps:
     frozen_parts_forward_only: bool = True
     kernels: bool = True
     checkpointing: bool = True
+    compile: bool = True
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class BuiltModel:
 
 def build_model(recipe: ModelRecipe, planning: Planning, steps: BuildSteps = BuildSteps()) -> BuiltModel:
     """The model of ``recipe``, quantized as ``planning`` planned, through the steps switched on."""
+    clashing = kernels_inside_layers(recipe.kernels.enabled()) if recipe.compile == "layers" else []
+    if clashing and steps.kernels and steps.compile:
+        raise ValueError(f"model.compile=layers does not take the kernels patched inside the layers: {', '.join(clashing)}")
     model, loaded = load(recipe, planning)
     built = BuiltModel(model, [loaded], stored_bytes=stored_bytes(model))
     if steps.verify:
@@ -94,6 +100,9 @@ def build_model(recipe: ModelRecipe, planning: Planning, steps: BuildSteps = Bui
         if built.offloader is not None:
             summary += ", the layer inputs kept for it in pinned host memory"
         built.reports.append(StepReport("checkpointing", summary))
+    if steps.compile and recipe.compile == "layers":
+        compiled = compile_decoder_layers(built.model)
+        built.reports.append(StepReport("compile", f"{compiled} decoder layers compiled for training steps"))
     return built
 
 

@@ -50,6 +50,7 @@ class RunPlan:
             lora=self.lora,
             kernels=self.kernels,
             checkpointing=self.spec.checkpointing,
+            compile=self.spec.compile,
             device=device,
             attn_implementation=self.spec.attn_implementation,
         )
@@ -57,7 +58,7 @@ class RunPlan:
 
 # RunFacts fields that say what the trainable weights depend on, and those that describe the run.
 BUILD_FIELDS = ("family", "checkpoint", "quant_method", "quant_policy", "kept_in_16bit", "lora_r", "lora_alpha", "lora_targets")
-RUN_FIELDS = ("weight_bytes", "quant_fidelity", "kernels", "checkpointing", "max_seq_length", "resumed_from")
+RUN_FIELDS = ("weight_bytes", "quant_fidelity", "kernels", "checkpointing", "compile", "max_seq_length", "resumed_from")
 
 
 def _listed(value: Any) -> Any:
@@ -80,6 +81,7 @@ class RunFacts:
     lora_targets: str | list[str]
     kernels: dict[str, int]  # kernel → places it was patched into
     checkpointing: str  # none | standard | offload
+    compile: str  # none | layers
     max_seq_length: int
     identity: JobIdentity
     resumed_from: str | None = None  # the checkpoint this run continued
@@ -104,6 +106,7 @@ class RunFacts:
             lora_targets=plan.lora.target_modules if isinstance(plan.lora.target_modules, str) else list(plan.lora.target_modules),
             kernels=dict(built.patches.patched),
             checkpointing=plan.spec.checkpointing,
+            compile=plan.spec.compile,
             max_seq_length=plan.max_seq_length,
             identity=plan.identity,
             resumed_from=resumed_from,

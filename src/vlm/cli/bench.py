@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -58,7 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="profile one more step of each recipe after the timed ones; its op tables (by GPU and by "
                              "host time) go to --out/profile/<recipe>-<tokens>/")
     parser.add_argument("overrides", nargs="*", help="train-config overrides for this framework's recipe")
-    args = parser.parse_args(argv)
+    options, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(options)
+    args.overrides = [*args.overrides, *overrides]
     if args.same_optimization:  # first: an override the user gives still wins
         args.overrides = [*SAME_OPTIMIZATION, *args.overrides]
     if args.warmup < 0 or args.warmup >= args.steps:
@@ -67,6 +70,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         parser.error(f"not an override (key=value): {' '.join(bad)}")
     return args
+
+
+# A Hydra override: key (dotted, perhaps prefixed + ++ or ~) = value.
+_OVERRIDE = re.compile(r"^(\+\+|\+|~)?[A-Za-z_][\w.]*=")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The options, and the train-config overrides wherever they stand: after ``--recipes a b`` or ``--tokens``,
+    which take any number of values, argparse would read an override as one more value."""
+    overrides = [arg for arg in argv if _OVERRIDE.match(arg)]
+    return [arg for arg in argv if not _OVERRIDE.match(arg)], overrides
 
 
 def run_worker(recipe: str, work: BenchWork, steps: int, warmup: int, overrides: list[str], timeout: int,

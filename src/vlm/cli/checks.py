@@ -74,6 +74,25 @@ def check_run_config(cfg: DictConfig) -> None:
     if cfg.get("data") is not None and "max_seq_length" in cfg.data:
         _require(cfg.data.max_seq_length, "data.max_seq_length", _is_int, "a positive integer (tokens)", minimum=1)
     _check_callbacks(cfg.get("callbacks"))
+    _check_compile(cfg)
+
+
+def _check_compile(cfg: DictConfig) -> None:
+    """``model.compile=layers`` compiles the decoder layers with the ops they hold; the kernels patched into
+    those ops cannot be traced with them (the loss kernel, outside the layers, can)."""
+    from vlm.models.compiling import kernels_inside_layers
+
+    model, kernels = cfg.get("model"), cfg.get("kernels")
+    if model is None or kernels is None or model.get("compile") != "layers":
+        return
+    clashing = kernels_inside_layers([name for name, on in kernels.items() if name != "_target_" and on is True])
+    if clashing:
+        keys = " ".join(f"kernels.{name}=false" for name in clashing)
+        raise ConfigError(
+            f"model.compile=layers fuses the decoder layers' ops itself and does not take our kernels inside them "
+            f"({', '.join(clashing)}): set {keys} (kernels=none kernels.cross_entropy=true keeps the loss kernel), "
+            "or model.compile=none"
+        )
 
 
 def check_lora_targets(checkpoint: str, family: ModelFamily, lora: LoraSettings) -> list[str]:

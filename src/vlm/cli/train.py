@@ -2,7 +2,7 @@
 
 Order: the run's plan (every setting validated, no weights) → data → the checkpoint (a tiny one
 built if asked) → processor → data module → quantization plan (calibrated and reported, see
-:mod:`vlm.build.planning`) → model (load → verify → LoRA → kernels → checkpointing, see
+:mod:`vlm.build.planning`) → model (load → verify → LoRA → kernels → checkpointing → compile, see
 :mod:`vlm.build.model`) → Lightning module, callbacks, loggers → fit.
 
 On several devices (``trainer=ddp``, ``trainer=fsdp``) every rank runs this from the top and

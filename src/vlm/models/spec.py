@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpointing import check_checkpointing
+from .compiling import check_compile
 from .families import FAMILIES
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -75,6 +76,7 @@ class ModelSpec:
     tiny_dir: str | None = None
     attn_implementation: str = "sdpa"
     checkpointing: str = "standard"  # none | standard | offload (vlm.models.checkpointing)
+    compile: str = "none"  # none | layers (vlm.models.compiling)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -101,6 +103,7 @@ class ModelSpec:
                 f"model.attn_implementation={self.attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}"
             )
         check_checkpointing(self.checkpointing)
+        check_compile(self.compile, self.checkpointing)
 
     @property
     def is_tiny(self) -> bool:

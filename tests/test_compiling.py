@@ -1,0 +1,106 @@
+"""``model.compile=layers``: the trainable decoder layers run compiled in training steps and compute what the
+eager layers compute; frozen layers, evaluation and generation stay eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_models import loss_and_grads, one_image_conversation, qlora_with_live_adapters
+
+from vlm.build.model import run_frozen_parts_forward_only
+from vlm.models.checkpointing import enable_checkpointing
+from vlm.models.compiling import check_compile, compile_decoder_layers, trainable_decoder_layers
+from vlm.models.families import get_family
+from vlm.models.loading import load_model, load_processor
+from vlm.quant.config import QuantConfig
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles anew, and the compiled layers round where the eager ones do: inductor otherwise keeps
+    a fused chain of bf16 ops in fp32, which is more exact but not bit for bit eager."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        yield
+    torch._dynamo.reset()
+
+
+def _model(tiny_checkpoint, model_type: str, checkpointing: str = "standard"):
+    """A tiny QLoRA model as the build makes it, with non-zero LoRA B so that every LoRA grad is non-zero."""
+    family = get_family(model_type)
+    path = tiny_checkpoint(model_type)
+    model = qlora_with_live_adapters(path, family)
+    run_frozen_parts_forward_only(model, family)
+    enable_checkpointing(model, checkpointing)
+    return model.train(), one_image_conversation(load_processor(path, family))
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize(("model_type", "checkpointing"), [("qwen2_vl", "standard"), ("mllama", "none")])
+def test_compiled_layers_train_with_the_loss_and_grads_of_the_eager_layers(tiny_checkpoint, model_type, checkpointing,
+                                                                          one_cpu_thread):
+    from torch._dynamo.utils import counters
+
+    eager, batch = _model(tiny_checkpoint, model_type, checkpointing)
+    expected_loss, expected_grads = loss_and_grads(eager, batch)
+    model, _ = _model(tiny_checkpoint, model_type, checkpointing)
+    assert compile_decoder_layers(model) == len(trainable_decoder_layers(model)) > 0
+    graphs = []
+    for _ in range(2):  # the first step compiles, the second runs what was compiled
+        loss, grads = loss_and_grads(model, batch)
+        graphs.append(_compiled_graphs())
+        assert torch.equal(loss, expected_loss)
+        assert grads.keys() == expected_grads.keys()
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
+    # Compiled whole, not run eagerly around a break, and once: the second step compiled nothing.
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs[0] == graphs[1] > 0
+
+
+def test_only_the_trainable_layers_are_compiled_and_evaluation_runs_them_eagerly(tiny_checkpoint, one_cpu_thread):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model, batch = _model(tiny_checkpoint, "qwen2_vl")
+    compile_decoder_layers(model)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    compiled = [m for m in layers if "forward" in vars(m)]
+    frozen = [m for m in layers if not any(p.requires_grad for p in m.parameters())]
+    assert compiled and frozen  # the frozen vision tower's blocks are checkpointed layers too
+    assert all(any(p.requires_grad for p in m.parameters()) for m in compiled)
+    assert not any("forward" in vars(m) for m in frozen)
+
+    loss_and_grads(model, batch)
+    graphs = _compiled_graphs()
+    reference, _ = _model(tiny_checkpoint, "qwen2_vl")
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        logits, expected = model(**batch).logits, reference(**batch).logits
+    assert _compiled_graphs() == graphs  # nothing more compiled: the eager layers ran
+    assert torch.equal(logits, expected)
+
+
+def test_a_model_without_trainable_decoder_layers_is_refused(tiny_checkpoint):
+    family = get_family("qwen2_vl")
+    model, _ = load_model(tiny_checkpoint("qwen2_vl"), family, QuantConfig())
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no decoder layer with a trainable weight"):
+        compile_decoder_layers(model)
+
+
+def test_compile_values_and_the_offload_combination_are_checked():
+    assert check_compile("none", "offload") == "none"
+    assert check_compile("layers", "standard") == "layers"
+    with pytest.raises(ValueError, match=r"model\.compile='all' must be one of none, layers"):
+        check_compile("all")
+    with pytest.raises(ValueError, match=r"model\.compile=layers does not combine with model\.checkpointing=offload"):
+        check_compile("layers", "offload")
