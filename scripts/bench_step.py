@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from vlm.bench.measure import timed_steps
+from vlm.bench.measure import PhaseClock, median_phases, timed_steps
 from vlm.bench.work import (
     BENCH_IMAGE_SIZE,
     ensure_family_dir,
@@ -104,10 +104,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = built.model.train()
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 
-    def one_step() -> torch.Tensor:
+    def one_step(clock: PhaseClock) -> torch.Tensor:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=not args.smoke):
             loss = model(**batch).loss
+        clock.mark("forward")
         loss.backward()
+        clock.mark("backward")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "step_s": round(step, 3), "tokens_per_s": round(args.tokens / step),
         "peak_allocated_GB": None if args.smoke else round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "loss": round(log.losses[-1], 4), "times": [round(t, 3) for t in times],
+        "host_phases_ms": median_phases(log.phases[2:]),
     }
     print("RESULT", json.dumps(result), flush=True)
     return result

@@ -14,7 +14,8 @@ import statistics
 import pytest
 import torch
 
-from vlm.bench.measure import StepLog, summarize
+from vlm.bench import measure
+from vlm.bench.measure import PHASES, PhaseClock, StepLog, summarize
 from vlm.cli import bench
 
 
@@ -39,6 +40,10 @@ def test_each_recipe_is_measured_in_its_own_process_on_the_same_work(smoke_run):
         assert len(row["times"]) == 12 and row["step_s"] == pytest.approx(statistics.median(row["times"][1:]), abs=1e-3)
         assert row["tokens_per_s"] == pytest.approx(160 / row["step_s"], rel=1e-2)
         assert row["build_s"] > 0 and len(row["first_losses"]) == 5
+        # Each phase of the step, timed on the host: the peers' loop and Lightning's hooks mark the same ones.
+        phases = row["host_phases_ms"]
+        assert tuple(phases) == PHASES and all(ms >= 0 for ms in phases.values())
+        assert phases["forward"] > 0 and phases["backward"] > 0
     # The same layers adapted at the same rank, so the same parameters trained.
     assert rows["ours"]["trainable_params"] == rows["standard"]["trainable_params"] > 0
     # The same model and batch: both recipes start from the same loss (LoRA's B starts at zero), up to
@@ -63,6 +68,31 @@ def test_the_step_time_is_the_median_after_warm_up():
     fields = summarize(log, warmup=2, tokens_per_step=4096)
     assert fields["step_s"] == 2.0 and fields["tokens_per_s"] == 2048.0 and fields["warmup_s"] == 14.0
     assert fields["first_losses"] == (4.0, 3.0, 2.0, 1.5, 1.25)
+    assert fields["host_phases_ms"] is None  # no step marked its phases
+
+
+def test_each_phase_is_its_median_host_time_after_warm_up_where_every_step_marked_it():
+    phases = [{"forward": 9.0, "backward": 9.0}] + [
+        {"forward": f, "backward": 0.002, "optimizer": 0.001} for f in (0.004, 0.001, 0.003)]
+    log = StepLog(times=[18.0, 0.007, 0.004, 0.006], losses=[1.0] * 4, phases=phases)
+    assert summarize(log, warmup=1, tokens_per_step=1)["host_phases_ms"] == {
+        "forward": 3.0, "backward": 2.0, "optimizer": 1.0}
+    log.phases[-1].pop("optimizer")  # one timed step without it: no median of it
+    assert tuple(summarize(log, warmup=1, tokens_per_step=1)["host_phases_ms"]) == ("forward", "backward")
+
+
+def test_the_phase_clock_times_each_phase_from_the_end_of_the_one_before(monkeypatch):
+    now = iter([10.0, 10.5, 12.0, 12.25])
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(now))
+    clock = PhaseClock()
+    clock.start()  # 10.0
+    clock.mark("forward")  # 10.5
+    clock.mark("forward")  # a second mark of a phase changes nothing
+    clock.mark("optimizer")  # 12.0: the backward was not marked, so this phase holds it
+    clock.mark("device_wait")  # 12.25
+    assert clock.durations() == {"forward": 0.5, "optimizer": 1.5, "device_wait": 0.25}
+    with pytest.raises(ValueError, match="unknown phase 'loss'"):
+        clock.mark("loss")
 
 
 def test_the_longest_sequence_is_bisected_to_the_resolution(monkeypatch, tmp_path):

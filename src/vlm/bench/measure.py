@@ -1,25 +1,64 @@
 """What one recipe's run is measured by: the median step after warm-up, tokens/s, peak allocated
-and reserved memory, weight memory, the first losses, and the warm-up time.
+and reserved memory, weight memory, the first losses, the warm-up time, and the host time of each
+phase of the step.
 
 Every step is bracketed by device synchronisation, so a step's time is its whole cost, host and GPU.
+Inside it nothing synchronises: the phases are where the host got to (:class:`PhaseClock`).
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+# The phases of a step in order: the forward to the loss, the backward, the optimizer step (and what else the
+# step does on the host), and the wait at the end for the device to finish what the host queued.
+PHASES = ("forward", "backward", "optimizer", "device_wait")
+
 
 @dataclass
 class StepLog:
-    """Wall time and loss of each step, in order."""
+    """Wall time and loss of each step, in order, and the host seconds of each phase of each step."""
 
     times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    phases: list[dict[str, float]] = field(default_factory=list)
+
+
+class PhaseClock:
+    """When the host finished each phase of a step, read without synchronising the device.
+
+    Where the host runs ahead of the GPU, a phase ends when its work is queued, not done, and the device's
+    lag shows up as ``device_wait``; where the host is the bottleneck, each phase's time is its host cost.
+    """
+
+    def __init__(self) -> None:
+        self._start = 0.0
+        self._ends: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start, self._ends = time.perf_counter(), {}
+
+    def mark(self, phase: str) -> None:
+        """``phase`` (of :data:`PHASES`) has ended; a second mark of it in the same step is ignored."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; the phases are {', '.join(PHASES)}")
+        if phase not in self._ends:
+            self._ends[phase] = time.perf_counter()
+
+    def durations(self) -> dict[str, float]:
+        """Seconds of each phase marked this step, from the end of the phase marked before it."""
+        durations, previous = {}, self._start
+        for phase in PHASES:
+            if phase in self._ends:
+                durations[phase] = self._ends[phase] - previous
+                previous = self._ends[phase]
+        return durations
 
 
 @dataclass(frozen=True)
@@ -41,6 +80,7 @@ class Measurement:
     first_losses: tuple[float, ...] = ()
     losses: tuple[float, ...] = ()
     times: tuple[float, ...] = ()
+    host_phases_ms: dict[str, float] | None = None  # median over the timed steps, where every one marked it
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +98,15 @@ def summarize(log: StepLog, warmup: int, tokens_per_step: int) -> dict:
         "first_losses": tuple(round(loss, 4) for loss in log.losses[:5]),
         "losses": tuple(log.losses),
         "times": tuple(round(t, 4) for t in log.times),
+        "host_phases_ms": median_phases(log.phases[warmup:] or log.phases),
     }
+
+
+def median_phases(steps: list[dict[str, float]]) -> dict[str, float] | None:
+    marked = [phase for phase in PHASES if steps and all(phase in step for step in steps)]
+    if not marked:
+        return None
+    return {phase: round(1000 * statistics.median(step[phase] for step in steps), 2) for phase in marked}
 
 
 def memory_fields(device: str, weights_bytes: int | None) -> dict:
@@ -74,23 +122,27 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(step: Callable[[], torch.Tensor], count: int, device: str, profile_to: Path | None = None) -> StepLog:
+def timed_steps(step: Callable[[PhaseClock], torch.Tensor], count: int, device: str,
+                profile_to: Path | None = None) -> StepLog:
     """Run ``step`` (one optimizer step; returns its loss, not yet read) ``count`` times, each timed
     whole; the loss is read after the timing, so that reading it adds no host sync to the step.
-    With ``profile_to``, one more step runs under the profiler (untimed), its tables written there."""
-    import time
-
-    log = StepLog()
+    ``step`` marks the ends of its phases on the clock it is given. With ``profile_to``, one more step
+    runs under the profiler (untimed), its tables written there."""
+    log, clock = StepLog(), PhaseClock()
     for _ in range(count):
         synchronize(device)
         start = time.perf_counter()
-        loss = step()
+        clock.start()
+        loss = step(clock)
+        clock.mark("optimizer")  # where the step did not mark it: all it did after the backward
         synchronize(device)
+        clock.mark("device_wait")
         log.times.append(time.perf_counter() - start)
+        log.phases.append(clock.durations())
         log.losses.append(float(loss))
     if profile_to is not None:
         with StepProfile(profile_to, device):
-            step()
+            step(PhaseClock())
     return log
 
 

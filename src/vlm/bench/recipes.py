@@ -27,7 +27,7 @@ from typing import Any
 import lightning
 import torch
 
-from .measure import StepLog, StepProfile, synchronize, timed_steps
+from .measure import PhaseClock, StepLog, StepProfile, synchronize, timed_steps
 from .work import BenchWork
 
 RECIPES = ("standard", "unsloth", "liger", "ours")
@@ -76,11 +76,13 @@ def run_recipe(name: str, work: BenchWork, checkpoint: Path, batch: dict[str, to
     built = time.perf_counter() - started
     model.train()
 
-    def step() -> torch.Tensor:
+    def step(clock: PhaseClock) -> torch.Tensor:
         # As the peers document their recipes and their reference scripts ran them: the model as
         # loaded, without autocast.
         loss = model(**batch).loss
+        clock.mark("forward")
         loss.backward()
+        clock.mark("backward")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -257,12 +259,14 @@ class RepeatedBatch(torch.utils.data.Dataset):
 
 class StepTimer(lightning.Callback):
     """The wall time of each of the first ``timed`` training batches (forward, backward, optimizer
-    step), device-synchronised, and its loss, read after the timing; with ``profile_to``, the batch
-    after them runs under the profiler."""
+    step), device-synchronised, the host time of each phase (Lightning's hooks between them mark
+    its end), and its loss, read after the timing; with ``profile_to``, the batch after them runs
+    under the profiler."""
 
     def __init__(self, device: str, timed: int, profile_to: Path | None = None) -> None:
         self.device, self.timed, self.profile_to = device, timed, profile_to
         self.steps = StepLog()
+        self.clock = PhaseClock()
         self._start = 0.0
         self._profile: StepProfile | None = None
 
@@ -272,13 +276,23 @@ class StepTimer(lightning.Callback):
             return
         synchronize(self.device)
         self._start = time.perf_counter()
+        self.clock.start()
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:  # noqa: ANN001
+        self.clock.mark("forward")
+
+    def on_after_backward(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.clock.mark("backward")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         if self._profile is not None:
             self._profile.__exit__(None, None, None)
             self._profile = None
             return
+        self.clock.mark("optimizer")
         synchronize(self.device)
+        self.clock.mark("device_wait")
         self.steps.times.append(time.perf_counter() - self._start)
+        self.steps.phases.append(self.clock.durations())
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.steps.losses.append(float(loss))
