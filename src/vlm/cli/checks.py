@@ -90,7 +90,7 @@ def _check_compile(cfg: DictConfig) -> None:
     if "fsdp" in target.lower():
         # FSDP gathers each unit's weights before its forward and frees them after: not tried with compiled layers.
         raise ConfigError("model.compile=layers is not supported with FSDP (trainer=fsdp) yet: use model.compile=none")
-    clashing = kernels_inside_layers([name for name, on in kernels.items() if name != "_target_" and on is True])
+    clashing = kernels_inside_layers(_dry_build(kernels, "kernels").enabled())
     if clashing:
         keys = " ".join(f"kernels.{name}=false" for name in clashing)
         raise ConfigError(
