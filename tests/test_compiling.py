@@ -3,13 +3,14 @@ eager layers compute; frozen layers, evaluation and generation stay eager."""
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from test_models import loss_and_grads, one_image_conversation, qlora_with_live_adapters
 
 from vlm.build.model import run_frozen_parts_forward_only
 from vlm.models.checkpointing import enable_checkpointing
-from vlm.models.compiling import check_compile, compile_decoder_layers, trainable_decoder_layers
+from vlm.models.compiling import check_compile, compile_layers, frozen_repeated_blocks, trainable_decoder_layers
 from vlm.models.families import get_family
 from vlm.models.loading import load_model, load_processor
 from vlm.quant.config import QuantConfig
@@ -52,10 +53,13 @@ def test_compiled_layers_train_as_the_eager_layers_do_and_evaluation_runs_the_ea
     eager, batch = _model(tiny_checkpoint, "mllama")
     expected_loss, expected_grads = loss_and_grads(eager, batch)
     model, _ = _model(tiny_checkpoint, "mllama")
-    assert compile_decoder_layers(model) == len(trainable_decoder_layers(model)) > 0
+    compiled = compile_layers(model)
+    assert compiled.trainable == len(trainable_decoder_layers(model)) > 0
+    assert compiled.frozen > 0 and compiled.traced_4bit > 0  # the vision tower's blocks, every NF4 linear
     graphs = []
-    for _ in range(2):  # the first step compiles, the second runs what was compiled
-        loss, grads = loss_and_grads(model, batch)
+    for step in range(2):  # the first step compiles, the second runs what was compiled
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            loss, grads = loss_and_grads(model, batch)
         graphs.append(_compiled_graphs())
         assert torch.equal(loss, expected_loss)
         assert grads.keys() == expected_grads.keys()
@@ -64,6 +68,12 @@ def test_compiled_layers_train_as_the_eager_layers_do_and_evaluation_runs_the_ea
     # Compiled whole, not run eagerly around a break, and once: the second step compiled nothing.
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs[0] == graphs[1] > 0
+    # The compiled programs dequantize with our operator: bitsandbytes runs only the 4-bit layers outside them
+    # (the projector), each once, forward only.
+    called = [event.name for event in profile.events()]
+    outside = [m for m in model.modules() if type(m) is bnb.nn.Linear4bit]
+    assert "vlm::dequantize_nf4" in called
+    assert called.count("bitsandbytes::gemm_4bit") == len(outside) == 1
 
     model.eval()
     eager.eval()
@@ -73,17 +83,23 @@ def test_compiled_layers_train_as_the_eager_layers_do_and_evaluation_runs_the_ea
     assert torch.equal(logits, expected)  # the same weights: no optimizer step ran
 
 
-def test_only_the_trainable_layers_are_compiled(tiny_checkpoint):
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
+def test_trainable_layers_compile_for_training_and_the_frozen_towers_blocks_for_their_forward(tiny_checkpoint):
+    """Qwen2-VL: its frozen vision blocks are checkpointed layers too, but they are compiled as frozen blocks."""
     model, _ = _model(tiny_checkpoint, "qwen2_vl")
-    compile_decoder_layers(model)
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    compiled = [m for m in layers if "forward" in vars(m)]
-    frozen = [m for m in layers if not any(p.requires_grad for p in m.parameters())]
-    assert compiled and frozen  # the frozen vision tower's blocks are checkpointed layers too
-    assert all(any(p.requires_grad for p in m.parameters()) for m in compiled)
-    assert not any("forward" in vars(m) for m in frozen)
+    compiled = compile_layers(model)
+    trainable = trainable_decoder_layers(model)
+    blocks = frozen_repeated_blocks(model, trainable)
+    tower = model.get_base_model().get_submodule(get_family("qwen2_vl").vision_tower)
+    in_tower = {id(m) for m in tower.modules()}
+    assert (compiled.trainable, compiled.frozen) == (len(trainable), len(blocks))
+    assert trainable and all(id(layer) not in in_tower for layer in trainable)
+    assert blocks and all(id(block) in in_tower for block in blocks)
+    assert all("forward" in vars(module) for module in trainable + blocks)
+
+    # The NF4 linears inside the compiled modules, and only those, are traced.
+    inside = {id(m) for module in trainable + blocks for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)}
+    traced = {id(m) for m in model.modules() if type(m).__name__ == "TraceableLinear4bit"}
+    assert traced == inside and len(traced) == compiled.traced_4bit > 0
 
 
 def test_a_model_without_trainable_decoder_layers_is_refused(tiny_checkpoint):
@@ -91,7 +107,7 @@ def test_a_model_without_trainable_decoder_layers_is_refused(tiny_checkpoint):
     model, _ = load_model(tiny_checkpoint("qwen2_vl"), family, QuantConfig())
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no decoder layer with a trainable weight"):
-        compile_decoder_layers(model)
+        compile_layers(model)
 
 
 def test_compile_values_and_the_offload_combination_are_checked():

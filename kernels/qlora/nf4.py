@@ -145,6 +145,19 @@ def _dequantize_blocks(
         tl.store(out_block + offsets, value, mask=offsets < numel - first_block * BLOCKSIZE)
 
 
+@triton.jit
+def _dequantize_nf4_plain_kernel(
+    packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, numel,
+    BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
+    QUANT_DTYPE: tl.constexpr,
+):
+    # The [out, in] weight alone: the widened kernel's arguments would cost each launch host time for nothing.
+    _dequantize_blocks(
+        packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, numel, 0, 0,
+        tl.program_id(0), BLOCKSIZE, BLOCKS_PER_PROGRAM, NESTED, NESTED_BS, QUANT_DTYPE, False,
+    )
+
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -236,6 +249,31 @@ def _dequantize(packed, quant_state, dtype, right=None, width=None) -> torch.Ten
         PAD=triton.next_power_of_2(max(1, out.shape[1] - in_features - rank)),
         num_warps=_DEQUANT_WARPS,
         # bitsandbytes rounds code2*scale2 before adding the offset; an fma would not.
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+def dequantize_nf4_storage(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, nested,  # noqa: ANN001
+                           shape: tuple[int, int], blocksize: int, quant_dtype: torch.dtype,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize_nf4`` from the storage tensors themselves, all on ``packed``'s device, with as little host work
+    as a launch allows: for the compiled layers, which call it once a linear, forward and backward.
+    ``nested``: ``(absmax2, code2, offset, nested_blocksize)`` of double-quantized scales, or ``None``."""
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    numel = shape[0] * shape[1]
+    if numel == 0:
+        return out
+    blocks_per_program = max(1, _DEQUANT_ELEMENTS_PER_PROGRAM // blocksize)
+    if nested is None:
+        absmax2 = code2 = offset = absmax
+        nested_blocksize = 1
+    else:
+        absmax2, code2, offset, nested_blocksize = nested
+    _dequantize_nf4_plain_kernel[(-(-numel // (blocksize * blocks_per_program)),)](
+        packed, code, absmax, absmax2, code2, offset, out, numel,
+        BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=blocks_per_program, NESTED=nested is not None,
+        NESTED_BS=nested_blocksize, QUANT_DTYPE=_TL_DTYPES[quant_dtype], num_warps=_DEQUANT_WARPS,
         enable_fp_fusion=False,
     )
     return out

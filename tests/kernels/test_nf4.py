@@ -9,7 +9,12 @@ from kernel_checks import assert_same_bits, dtype_id, quantized_nf4_weight
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-from vlm.kernels.qlora.nf4 import dequantize_nf4, dequantize_nf4_reference, dequantize_nf4_widened  # noqa: E402
+from vlm.kernels.qlora.nf4 import (  # noqa: E402
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    dequantize_nf4_storage,
+    dequantize_nf4_widened,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The small cases run wherever Triton can: the interpreter on CPU, or the GPU when there is one.
@@ -81,3 +86,18 @@ def test_the_qlora_linear_module_still_offers_the_dequantization_under_its_names
 
     for name in ("dequantize_nf4", "dequantize_nf4_reference", "dequantize_nf4_widened"):
         assert getattr(qlora_linear, name) is getattr(nf4, name)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax_fp32", "double_quant"])
+@pytest.mark.parametrize("shape", [(3, 100), (70, 130), (64, 256)], ids=["blocks_straddle_rows", "odd_blocks", "aligned"])
+def test_dequantization_from_the_storage_tensors_equals_bitsandbytes(shape, double_quant):
+    """The lean launch the compiled layers' operator makes, from the tensors rather than a QuantState."""
+    generator = torch.Generator().manual_seed(3)
+    packed, quant_state = quantized_nf4_weight(*shape, torch.bfloat16, double_quant, generator, DEVICE)
+    nested = None
+    if double_quant:
+        state2 = quant_state.state2
+        nested = (state2.absmax, state2.code, quant_state.offset.reshape(()).float(), state2.blocksize)
+    weight = dequantize_nf4_storage(packed, quant_state.code, quant_state.absmax, nested, shape, quant_state.blocksize,
+                                    torch.bfloat16, torch.float32)
+    assert_same_bits(weight, bnb_functional.dequantize_4bit(packed, quant_state).float())

@@ -16,7 +16,7 @@ from torch import nn
 
 from vlm.models import loading
 from vlm.models.checkpointing import ActivationOffloader, enable_checkpointing
-from vlm.models.compiling import compile_decoder_layers, kernels_inside_layers
+from vlm.models.compiling import compile_layers, kernels_inside_layers
 from vlm.models.families import ModelFamily
 from vlm.models.lora import LoraSettings, apply_lora
 from vlm.patching import KernelSettings, PatchReport, apply_kernels
@@ -101,8 +101,7 @@ def build_model(recipe: ModelRecipe, planning: Planning, steps: BuildSteps = Bui
             summary += ", the layer inputs kept for it in pinned host memory"
         built.reports.append(StepReport("checkpointing", summary))
     if steps.compile and recipe.compile == "layers":
-        compiled = compile_decoder_layers(built.model)
-        built.reports.append(StepReport("compile", f"{compiled} decoder layers compiled for training steps"))
+        built.reports.append(StepReport("compile", compile_layers(built.model).summary()))
     return built
 
 

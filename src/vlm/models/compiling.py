@@ -18,6 +18,8 @@ the gated activation, the LoRA sums) into a few kernels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -58,23 +60,60 @@ def trainable_decoder_layers(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def compile_decoder_layers(model: nn.Module) -> int:
-    """Compile each trainable decoder layer of ``model`` for its training steps; returns how many."""
+@dataclass(frozen=True)
+class CompiledLayers:
+    """What ``compile_layers`` compiled."""
+
+    trainable: int  # decoder layers with a trainable weight, compiled for training steps
+    frozen: int  # blocks of the frozen stacks (the vision tower's), compiled for the forward of training steps
+    traced_4bit: int  # NF4 linears inside them that the compiled programs call without bitsandbytes' Python
+
+    def summary(self) -> str:
+        return (f"{self.trainable} decoder layers compiled for training steps, {self.frozen} frozen blocks for "
+                f"their forward; {self.traced_4bit} NF4 linears traced")
+
+
+def frozen_repeated_blocks(model: nn.Module, compiled: list[nn.Module]) -> list[nn.Module]:
+    """The blocks of the frozen stacks: members of an ``nn.ModuleList`` that hold weights, none trainable, outside
+    the ``compiled`` layers (the vision tower's encoder layers, say)."""
+    inside = {id(m) for layer in compiled for m in layer.modules()}
+    found: list[nn.Module] = []
+    for stack in model.modules():
+        if not isinstance(stack, nn.ModuleList) or id(stack) in inside:
+            continue
+        for block in stack:
+            parameters = list(block.parameters())
+            if id(block) in inside or not parameters or any(p.requires_grad for p in parameters):
+                continue
+            inside.update(id(m) for m in block.modules())
+            found.append(block)
+    return found
+
+
+def compile_layers(model: nn.Module) -> CompiledLayers:
+    """Compile each trainable decoder layer of ``model`` for its training steps, and each block of its frozen
+    stacks for the forward of those steps; their NF4 linears are traced into the compiled programs."""
+    from vlm.quant.bnb_layers import trace_4bit_linears_when_compiled
+
     layers = trainable_decoder_layers(model)
     if not layers:
         raise ValueError("model.compile=layers: the model has no decoder layer with a trainable weight")
+    blocks = frozen_repeated_blocks(model, layers)
+    traced = sum(trace_4bit_linears_when_compiled(module) for module in layers + blocks)
     for layer in layers:
-        _compile_for_training(layer)
-    return len(layers)
+        _compile_when(layer, lambda layer=layer: layer.training and torch.is_grad_enabled())
+    for block in blocks:  # forward only, under no_grad: no cache to keep eager for, but eval stays eager
+        _compile_when(block, lambda block=block: block.training)
+    return CompiledLayers(len(layers), len(blocks), traced)
 
 
-def _compile_for_training(layer: nn.Module) -> None:
-    eager = layer.forward  # the class's forward, bound: Hugging Face's checkpointing wrapper included
+def _compile_when(module: nn.Module, compiled_now) -> None:  # noqa: ANN001
+    eager = module.forward  # the class's forward, bound: Hugging Face's checkpointing wrapper included
     compiled = torch.compile(eager)
 
     def forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        if layer.training and torch.is_grad_enabled():
+        if compiled_now():
             return compiled(*args, **kwargs)
         return eager(*args, **kwargs)
 
-    layer.forward = forward
+    module.forward = forward

@@ -6,6 +6,7 @@ change in a bitsandbytes release is mended in one place.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from torch import nn
@@ -73,3 +74,40 @@ def misread_on_cpu(shapes: Iterable[tuple[str, int]]) -> list[str]:
     with errors of the size of the weights themselves (bitsandbytes 0.49 to 0.50.2).
     """
     return [name for name, width in shapes if width % BLOCKSIZE]
+
+
+def trace_4bit_linears_when_compiled(module: nn.Module) -> int:
+    """Make the NF4 ``Linear4bit`` layers inside ``module`` traceable by ``torch.compile``; returns how many.
+
+    Each such layer becomes a ``Linear4bit`` whose forward, while being compiled, is ``vlm.kernels.nf4_linear``
+    (a dequantization operator and aten's product, which the compiled program queues without Python), and
+    otherwise bitsandbytes' own: eager calls, generation's one-token products among them, keep its kernels.
+    The layer stays a ``Linear4bit`` for everything else (state dicts, PEFT, merging).
+    """
+    import bitsandbytes as bnb
+
+    traceable = _traceable_linear4bit()
+    changed = 0
+    for layer in module.modules():
+        if type(layer) is bnb.nn.Linear4bit and layer.weight.quant_state.quant_type == "nf4":
+            layer.__class__ = traceable
+            changed += 1
+    return changed
+
+
+@functools.cache
+def _traceable_linear4bit() -> type:
+    import bitsandbytes as bnb
+    import torch
+
+    from vlm.kernels.nf4_linear import nf4_linear
+
+    class TraceableLinear4bit(bnb.nn.Linear4bit):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not torch.compiler.is_compiling():
+                return super().forward(x)
+            dtype = self.compute_dtype or x.dtype
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return nf4_linear(x.to(dtype), self.weight, self.weight.quant_state, bias).to(x.dtype)
+
+    return TraceableLinear4bit

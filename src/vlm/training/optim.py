@@ -154,6 +154,9 @@ class AdamWSettings:
         betas: two floats in [0, 1).
         eps: a float > 0.
         paged_8bit: ``True``, ``False`` or ``"auto"`` (the strings ``"true"``/``"false"`` too).
+        fused_8bit: where ``paged_8bit`` picks the 8-bit states, keep them on the device and step each
+            parameter group in one launch (:class:`vlm.training.fused_adamw.FusedAdamW8bit`) instead of
+            bitsandbytes' paged optimizer, which launches and waits once per tensor. A bool.
     """
 
     lr: float
@@ -161,6 +164,7 @@ class AdamWSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     paged_8bit: bool | str = "auto"
+    fused_8bit: bool = False
 
     def __post_init__(self) -> None:
         lr, wd, eps = self.lr, self.weight_decay, self.eps
@@ -183,6 +187,8 @@ class AdamWSettings:
         # Also turns an OmegaConf ListConfig into a tuple.
         object.__setattr__(self, "betas", tuple(float(b) for b in betas))
         object.__setattr__(self, "paged_8bit", _paged_8bit(self.paged_8bit))
+        if not isinstance(self.fused_8bit, bool):
+            raise ValueError(f"optimizer.fused_8bit={self.fused_8bit!r} must be true or false")
 
 
 def _paged_8bit(value: Any) -> bool | str:
@@ -201,15 +207,17 @@ def adamw(
     betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-8,
     paged_8bit: bool | str = "auto",
+    fused_8bit: bool = False,
 ) -> Optimizer:
     """AdamW over ``params``; the other arguments are checked as :class:`AdamWSettings`.
 
     ``paged_8bit``: ``"auto"`` uses ``bitsandbytes.optim.PagedAdamW8bit`` when every parameter
     lives on CUDA and ``torch.optim.AdamW`` otherwise; ``True`` forces the paged 8-bit
     optimizer (it needs CUDA and raises ``ValueError`` otherwise); ``False`` always uses
-    ``torch.optim.AdamW``.
+    ``torch.optim.AdamW``. ``fused_8bit``: the 8-bit states in ``FusedAdamW8bit`` rather than bitsandbytes'.
     """
-    settings = AdamWSettings(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, paged_8bit=paged_8bit)
+    settings = AdamWSettings(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, paged_8bit=paged_8bit,
+                             fused_8bit=fused_8bit)
     items, tensors = _flatten_params(params)
     if not tensors:
         raise ValueError("adamw: got no parameters to optimize (is any parameter requires_grad=True?)")
@@ -229,6 +237,10 @@ def adamw(
         "eps": float(settings.eps),
         "weight_decay": float(settings.weight_decay),
     }
+    if use_paged and settings.fused_8bit:
+        from vlm.training.fused_adamw import FusedAdamW8bit
+
+        return FusedAdamW8bit(items, **kwargs)
     if use_paged:
         import bitsandbytes as bnb
 
