@@ -1,4 +1,4 @@
-"""``torch.compile`` of the decoder layers that train: ``model.compile=none|layers``.
+"""``torch.compile`` of the decoder layers that train, and of the frozen tower's blocks: ``model.compile=none|layers``.
 
 At a few thousand tokens the step of a QLoRA model waits on the host: each decoder layer's forward, its
 recomputation and its backward are hundreds of small Python calls, each queuing a kernel or two. Compiled,
@@ -6,14 +6,17 @@ a layer's forward and its backward are one generated program each, which queues 
 products with little host work between them, and fuses the elementwise ops (norms, rotary embedding,
 the gated activation, the LoRA sums) into a few kernels.
 
-- Only layers holding a trainable weight are compiled; the frozen vision tower runs forward only anyway.
+- The decoder layers holding a trainable weight are compiled for training steps; the blocks of the frozen
+  stacks (the vision tower's), which run forward only, for the forward of those steps.
+- Inside both, each NF4 linear is traced as our dequantization operator and aten's product
+  (``vlm.kernels.nf4_linear``): bitsandbytes' own forward would cost each call its Python.
 - Layers of one class share one compiled program: the first step compiles each class once (the warm-up
   the bench reports), and one further compile follows the first change of sequence length, after which
   the length is symbolic.
 - Checkpointing stays what ``model.checkpointing`` says, inside the compiled region: the compiled
   backward recomputes the layer from its input.
-- Only training steps run compiled (module in training mode, grad enabled); evaluation and generation,
-  with their caches, run the eager layers.
+- Only training steps run compiled (module in training mode; the trainable layers also with grad enabled);
+  evaluation and generation, with their caches, run the eager layers.
 """
 
 from __future__ import annotations
