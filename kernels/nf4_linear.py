@@ -13,44 +13,17 @@ The weight bits are bitsandbytes' (``dequantize_4bit``), so the layer computes w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from .qlora.nf4 import dequantize_nf4_reference, dequantize_nf4_storage
+from .qlora.nf4 import (
+    dequantize_nf4_reference,
+    dequantize_nf4_storage,
+    dequantize_nf4_storage_reference,
+    storage_tensors,
+)
 
 __all__ = ["FrozenNF4LinearFunction", "dequantize_nf4_op", "nf4_linear", "nf4_linear_reference"]
-
-
-@dataclass(frozen=True)
-class _NestedScales:
-    absmax: torch.Tensor
-    code: torch.Tensor
-    blocksize: int
-
-
-@dataclass(frozen=True)
-class _StorageState:
-    """The fields of a bitsandbytes ``QuantState`` that the dequantization reads, rebuilt from the op's arguments."""
-
-    code: torch.Tensor
-    absmax: torch.Tensor
-    shape: tuple[int, int]
-    blocksize: int
-    dtype: torch.dtype
-    offset: torch.Tensor | None
-    state2: _NestedScales | None
-    quant_type: str = "nf4"
-
-    @property
-    def nested(self) -> bool:
-        return self.state2 is not None
-
-
-def _state_of(code, absmax, absmax2, code2, offset, out_features, in_features, blocksize, nested_blocksize, quant_dtype):  # noqa: ANN001, ANN202
-    nested = None if absmax2 is None else _NestedScales(absmax2, code2, nested_blocksize)
-    return _StorageState(code, absmax, (out_features, in_features), blocksize, quant_dtype, offset, nested)
 
 
 @torch.library.custom_op("vlm::dequantize_nf4", mutates_args=())
@@ -69,8 +42,9 @@ def dequantize_nf4_op(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The [out, in] NF4 weight in ``dtype`` (rounded to ``quant_dtype`` first); without CUDA, by plain indexing."""
-    state = _state_of(code, absmax, absmax2, code2, offset, out_features, in_features, blocksize, nested_blocksize, quant_dtype)
-    return dequantize_nf4_reference(packed, state).to(dtype)
+    nested = None if absmax2 is None else (absmax2, code2, offset, nested_blocksize)
+    return dequantize_nf4_storage_reference(packed, code, absmax, nested, (out_features, in_features), blocksize,
+                                            quant_dtype).to(dtype)
 
 
 @dequantize_nf4_op.register_kernel("cuda")
@@ -88,17 +62,12 @@ def _dequantize_nf4_fake(packed, code, absmax, absmax2, code2, offset, out_featu
 
 
 def _storage_args(quant_state) -> tuple:  # noqa: ANN001
-    if quant_state.quant_type != "nf4":
-        raise ValueError(f"only NF4 weights are supported, got quant_type={quant_state.quant_type!r}")
+    """The operator's tensors and its layout arguments, from a bitsandbytes ``QuantState``."""
+    code, absmax, nested = storage_tensors(quant_state, quant_state.absmax.device)
+    absmax2, code2, offset, nested_blocksize = nested if nested is not None else (None, None, None, 0)
     out_features, in_features = (int(s) for s in quant_state.shape)
-    if quant_state.nested:
-        state2 = quant_state.state2
-        nested = (state2.absmax, state2.code, torch.as_tensor(quant_state.offset, dtype=torch.float32))
-        nested_blocksize = state2.blocksize
-    else:
-        nested, nested_blocksize = (None, None, None), 0
-    tensors = (quant_state.code, quant_state.absmax, *nested)
-    return tensors, (out_features, in_features, quant_state.blocksize, nested_blocksize, quant_state.dtype)
+    return (code, absmax, absmax2, code2, offset), (out_features, in_features, quant_state.blocksize, nested_blocksize,
+                                                    quant_state.dtype)
 
 
 class FrozenNF4LinearFunction(torch.autograd.Function):

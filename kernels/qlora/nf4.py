@@ -17,26 +17,44 @@ _DEQUANT_ELEMENTS_PER_PROGRAM = 4096
 _DEQUANT_WARPS = 4
 
 
-def _absmax_reference(quant_state) -> torch.Tensor:
-    """fp32 scale of every `blocksize` block, undoing bitsandbytes' double quantization when present."""
-    if not quant_state.nested:
-        return quant_state.absmax.float()
-    state2 = quant_state.state2
-    codes = quant_state.absmax.long()
-    block_of = torch.arange(codes.numel(), device=codes.device) // state2.blocksize
+def storage_tensors(quant_state, device: torch.device):  # noqa: ANN001, ANN201
+    """``(code, absmax, nested)`` of an NF4 ``QuantState`` on ``device``; ``nested`` is ``(absmax2, code2, offset,
+    nested_blocksize)`` for double-quantized block scales, else ``None``. What the storage functions take."""
+    _check_quant_state(quant_state)
+    nested = None
+    if quant_state.nested:
+        state2 = quant_state.state2
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32)
+        nested = (_on(state2.absmax, device), _on(state2.code, device), _on(offset, device), state2.blocksize)
+    return _on(quant_state.code, device), _on(quant_state.absmax, device), nested
+
+
+def _absmax_reference(absmax: torch.Tensor, nested) -> torch.Tensor:  # noqa: ANN001
+    """fp32 scale of every block, undoing bitsandbytes' double quantization when present."""
+    if nested is None:
+        return absmax.float()
+    absmax2, code2, offset, nested_blocksize = nested
+    codes = absmax.long()
+    block_of = torch.arange(codes.numel(), device=codes.device) // nested_blocksize
     # Multiply, round to fp32, then add: bitsandbytes does the two in separate steps (no fma).
-    absmax = state2.code.float()[codes] * state2.absmax.float()[block_of]
-    return absmax + quant_state.offset.float()
+    return code2.float()[codes] * absmax2.float()[block_of] + offset.float()
 
 
-def dequantize_nf4_reference(packed: torch.Tensor, quant_state) -> torch.Tensor:
-    """The [out, in] weight in ``quant_state.dtype``, by plain indexing (same bits as bitsandbytes)."""
-    numel = _numel(quant_state.shape)
+def dequantize_nf4_storage_reference(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, nested,  # noqa: ANN001
+                                     shape: tuple[int, int], blocksize: int, quant_dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize_nf4_reference`` from the storage tensors (see ``storage_tensors``)."""
+    numel = _numel(shape)
     raw = packed.reshape(-1).view(torch.uint8)
     nibbles = torch.stack([raw >> 4, raw & 0xF], dim=1).reshape(-1)[:numel].long()
-    scale = _absmax_reference(quant_state).repeat_interleave(quant_state.blocksize)[:numel]
-    values = quant_state.code.float().to(packed.device)[nibbles] * scale
-    return values.to(quant_state.dtype).reshape(quant_state.shape)
+    scale = _absmax_reference(absmax, nested).repeat_interleave(blocksize)[:numel]
+    return (code.float()[nibbles] * scale).to(quant_dtype).reshape(shape)
+
+
+def dequantize_nf4_reference(packed: torch.Tensor, quant_state) -> torch.Tensor:  # noqa: ANN001
+    """The [out, in] weight in ``quant_state.dtype``, by plain indexing (same bits as bitsandbytes)."""
+    return dequantize_nf4_storage_reference(packed, *storage_tensors(quant_state, packed.device),
+                                            tuple(int(s) for s in quant_state.shape), quant_state.blocksize,
+                                            quant_state.dtype)
 
 
 def _numel(shape) -> int:
@@ -61,7 +79,7 @@ def _block_absmax(
 
 
 @triton.jit
-def _dequantize_nf4_kernel(
+def _dequantize_widened_kernel(
     packed_ptr,
     code_ptr,
     absmax_ptr,
@@ -83,7 +101,6 @@ def _dequantize_nf4_kernel(
     NESTED: tl.constexpr,
     NESTED_BS: tl.constexpr,
     QUANT_DTYPE: tl.constexpr,
-    WIDENED: tl.constexpr,
     RANK: tl.constexpr,
     PAD: tl.constexpr,
 ):
@@ -91,7 +108,7 @@ def _dequantize_nf4_kernel(
     if pid < weight_programs:
         _dequantize_blocks(
             packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, numel, in_features,
-            out_row_length, pid, BLOCKSIZE, BLOCKS_PER_PROGRAM, NESTED, NESTED_BS, QUANT_DTYPE, WIDENED,
+            out_row_length, pid, BLOCKSIZE, BLOCKS_PER_PROGRAM, NESTED, NESTED_BS, QUANT_DTYPE, True,
         )
     else:  # the programs past the weight's write the columns after each row: `right`'s row, then zeros
         rows = ((pid - weight_programs) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)).to(tl.int64)
@@ -151,7 +168,7 @@ def _dequantize_nf4_plain_kernel(
     BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
     QUANT_DTYPE: tl.constexpr,
 ):
-    # The [out, in] weight alone: the widened kernel's arguments would cost each launch host time for nothing.
+    # The [out, in] weight alone, with no more arguments than it reads: each one costs every launch host time.
     _dequantize_blocks(
         packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, numel, 0, 0,
         tl.program_id(0), BLOCKSIZE, BLOCKS_PER_PROGRAM, NESTED, NESTED_BS, QUANT_DTYPE, False,
@@ -178,7 +195,9 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype | None 
     ``dtype`` (default ``quant_state.dtype``) is the storage dtype of the result; values are
     rounded to ``quant_state.dtype`` first, exactly like ``dequantize_4bit(...).to(dtype)``.
     """
-    return _dequantize(packed, quant_state, dtype or quant_state.dtype)
+    return dequantize_nf4_storage(packed.reshape(-1).view(torch.uint8), *storage_tensors(quant_state, packed.device),
+                                  tuple(int(s) for s in quant_state.shape), quant_state.blocksize, quant_state.dtype,
+                                  dtype or quant_state.dtype)
 
 
 def dequantize_nf4_widened(packed: torch.Tensor, quant_state, right: torch.Tensor, width: int) -> torch.Tensor:
@@ -190,7 +209,7 @@ def dequantize_nf4_widened(packed: torch.Tensor, quant_state, right: torch.Tenso
         raise ValueError(f"rows of {in_features} are not whole blocks of {quant_state.blocksize}")
     if right.shape[0] != out_features or width < in_features + right.shape[1]:
         raise ValueError(f"right {tuple(right.shape)} and width {width} do not fit a [{out_features}, {in_features}] weight")
-    return _dequantize(packed, quant_state, right.dtype, right, width)
+    return _dequantize_widened(packed, quant_state, right, width)
 
 
 def widens_nf4(quant_state) -> bool:
@@ -198,55 +217,32 @@ def widens_nf4(quant_state) -> bool:
     return int(quant_state.shape[1]) % quant_state.blocksize == 0
 
 
-def _dequantize(packed, quant_state, dtype, right=None, width=None) -> torch.Tensor:  # noqa: ANN001
-    _check_quant_state(quant_state)
+def _dequantize_widened(packed, quant_state, right, width) -> torch.Tensor:  # noqa: ANN001
     device = packed.device
-    raw = packed.reshape(-1).view(torch.uint8)
+    code, absmax, nested = storage_tensors(quant_state, device)
     numel = _numel(quant_state.shape)
     out_features, in_features = (int(s) for s in quant_state.shape)
-    out = torch.empty((out_features, width) if right is not None else tuple(quant_state.shape), dtype=dtype, device=device)
-    if numel == 0:
-        if right is not None:  # no weight columns: just [right | 0]
-            out.zero_()[:, in_features:in_features + right.shape[1]] = right
+    out = torch.empty((out_features, width), dtype=right.dtype, device=device)
+    rank = right.shape[1]
+    if numel == 0:  # no weight columns: just [right | 0]
+        out.zero_()[:, in_features:in_features + rank] = right
         return out
-    absmax = _on(quant_state.absmax, device)
-    if quant_state.nested:
-        state2 = quant_state.state2
-        absmax2, code2, nested_bs = _on(state2.absmax, device), _on(state2.code, device), state2.blocksize
-        offset = _on(torch.as_tensor(quant_state.offset, dtype=torch.float32), device)
-    else:  # unused pointers: any tensor will do
-        absmax2, code2, nested_bs, offset = absmax, absmax, 1, absmax
-    rank = 0 if right is None else right.shape[1]
+    absmax2, code2, offset, nested_bs = nested if nested is not None else (absmax, absmax, absmax, 1)  # unused
     blocksize = quant_state.blocksize
     blocks_per_program = max(1, _DEQUANT_ELEMENTS_PER_PROGRAM // blocksize)
     weight_programs = -(-numel // (blocksize * blocks_per_program))
-    # Widened: one more program per `blocks_per_program` rows, for the columns after the weight's.
-    tail_programs = 0 if right is None else -(-out_features // blocks_per_program)
-    _dequantize_nf4_kernel[(weight_programs + tail_programs,)](
-        raw,
-        _on(quant_state.code, device),
-        absmax,
-        absmax2,
-        code2,
-        offset,
-        out,
-        numel,
-        weight_programs,
-        out if right is None else right,
-        in_features,
-        out.shape[1],
-        out_features,
-        rank,
-        0 if right is None else right.stride(0),
-        0 if right is None else right.stride(1),
+    # One more program per `blocks_per_program` rows, for the columns after the weight's.
+    tail_programs = -(-out_features // blocks_per_program)
+    _dequantize_widened_kernel[(weight_programs + tail_programs,)](
+        packed.reshape(-1).view(torch.uint8), code, absmax, absmax2, code2, offset, out, numel, weight_programs, right,
+        in_features, width, out_features, rank, right.stride(0), right.stride(1),
         BLOCKSIZE=blocksize,
         BLOCKS_PER_PROGRAM=blocks_per_program,
-        NESTED=quant_state.nested,
+        NESTED=nested is not None,
         NESTED_BS=nested_bs,
         QUANT_DTYPE=_TL_DTYPES[quant_state.dtype],
-        WIDENED=right is not None,
         RANK=max(1, triton.next_power_of_2(rank)),
-        PAD=triton.next_power_of_2(max(1, out.shape[1] - in_features - rank)),
+        PAD=triton.next_power_of_2(max(1, width - in_features - rank)),
         num_warps=_DEQUANT_WARPS,
         # bitsandbytes rounds code2*scale2 before adding the offset; an fma would not.
         enable_fp_fusion=False,
@@ -257,9 +253,8 @@ def _dequantize(packed, quant_state, dtype, right=None, width=None) -> torch.Ten
 def dequantize_nf4_storage(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, nested,  # noqa: ANN001
                            shape: tuple[int, int], blocksize: int, quant_dtype: torch.dtype,
                            dtype: torch.dtype) -> torch.Tensor:
-    """``dequantize_nf4`` from the storage tensors themselves, all on ``packed``'s device, with as little host work
-    as a launch allows: for the compiled layers, which call it once a linear, forward and backward.
-    ``nested``: ``(absmax2, code2, offset, nested_blocksize)`` of double-quantized scales, or ``None``."""
+    """``dequantize_nf4`` from the storage tensors (``storage_tensors``), all on ``packed``'s device, with as little
+    host work as a launch allows: the compiled layers call it once a linear, forward and backward."""
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     numel = shape[0] * shape[1]
     if numel == 0:

@@ -53,19 +53,24 @@ class _Layout:
 class FusedAdamW8bit(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        self._layouts: list[_Layout] = []  # one a group, in order: filled by add_param_group
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.dtype != torch.float32:
-                    raise ValueError(f"FusedAdamW8bit updates fp32 parameters; got one in {param.dtype}")
         self._maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._active: dict[tuple[int, tuple[bool, ...]], torch.Tensor] = {}
 
-    def _group_state(self, group: dict[str, Any]) -> dict[str, Any]:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        for param in params:
+            if param.dtype != torch.float32:
+                raise ValueError(f"FusedAdamW8bit updates fp32 parameters; got one in {param.dtype}")
+        self._layouts.append(_Layout.of(params))
+
+    def _group_state(self, group: dict[str, Any], layout: _Layout) -> dict[str, Any]:
         params = group["params"]
         state = self.state[params[0]]
         if not state:
-            total, device = _Layout.of(params).total, params[0].device
+            total, device = layout.total, params[0].device
             signed, _ = self._maps_on(device)
             zero_code = int(torch.searchsorted(signed, torch.zeros((), device=device)))  # m starts at 0
             state["step"] = 0
@@ -98,7 +103,8 @@ class FusedAdamW8bit(torch.optim.Optimizer):
             has_grad = tuple(p.grad is not None for p in params)
             if not any(has_grad):
                 continue
-            layout, state = _Layout.of(params), self._group_state(group)
+            layout = self._layouts[index]
+            state = self._group_state(group, layout)
             device = params[0].device
             grads, values = [], []
             for param, numel, pad in zip(params, layout.numels, layout.pads):
