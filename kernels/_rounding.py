@@ -24,3 +24,17 @@ def round_to_nearest(value, DTYPE: tl.constexpr):
         return value.to(DTYPE).to(tl.float32)
     else:
         return value
+
+
+@triton.jit
+def multiply_unfused(a, b):
+    """fp32 ``a * b`` rounded to fp32 on its own, never contracted with a following add into an fma.
+
+    A kernel that ``torch.compile`` launches is compiled with fp fusion on, so a product that must round before
+    its sum (as bitsandbytes' separate steps do) says so in the instruction itself.
+    """
+    if INTERPRETED:  # numpy never fuses
+        return a * b
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)

@@ -3,8 +3,8 @@
 bitsandbytes runs a 4-bit layer's forward as one opaque operator whose Python body dequantizes and multiplies
 (``gemm_4bit``), and its backward as more Python. A compiled graph then still pays that Python at every call:
 about 0.28 ms of host time for each of the 800 such calls in an 11B model's step. Here the dequantization is
-an operator of its own (``vlm::dequantize_nf4``: the Triton kernel of ``qlora.nf4`` on CUDA, the plain indexing
-reference elsewhere), and the product is aten's, so the compiler queues both directly and plans the product's
+a Triton operator of its own (``vlm::dequantize_nf4``: the kernel of ``qlora.nf4`` on CUDA, the plain indexing
+reference elsewhere), and the product is aten's, so the compiled program launches both itself and plans their
 memory with the rest of the layer. The autograd Function saves the packed weight, not the dequantized one: the
 backward dequantizes again, as bitsandbytes does, so no 16-bit copy of a weight outlives its use.
 
@@ -26,7 +26,7 @@ from .qlora.nf4 import (
 __all__ = ["FrozenNF4LinearFunction", "dequantize_nf4_op", "nf4_linear", "nf4_linear_reference"]
 
 
-@torch.library.custom_op("vlm::dequantize_nf4", mutates_args=())
+@torch.library.triton_op("vlm::dequantize_nf4", mutates_args=())
 def dequantize_nf4_op(
     packed: torch.Tensor,
     code: torch.Tensor,
@@ -41,24 +41,15 @@ def dequantize_nf4_op(
     quant_dtype: torch.dtype,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The [out, in] NF4 weight in ``dtype`` (rounded to ``quant_dtype`` first); without CUDA, by plain indexing."""
+    """The [out, in] NF4 weight in ``dtype`` (rounded to ``quant_dtype`` first): the Triton kernel on CUDA, plain
+    indexing elsewhere. A Triton operator: a compiled program launches the kernel itself, with none of this
+    function's Python, and on the CPU it compiles the indexing with the rest of the layer."""
     nested = None if absmax2 is None else (absmax2, code2, offset, nested_blocksize)
-    return dequantize_nf4_storage_reference(packed, code, absmax, nested, (out_features, in_features), blocksize,
-                                            quant_dtype).to(dtype)
-
-
-@dequantize_nf4_op.register_kernel("cuda")
-def _dequantize_nf4_cuda(packed, code, absmax, absmax2, code2, offset, out_features, in_features, blocksize,  # noqa: ANN001, ANN202
-                         nested_blocksize, quant_dtype, dtype):
-    nested = None if absmax2 is None else (absmax2, code2, offset, nested_blocksize)
-    return dequantize_nf4_storage(packed.view(torch.uint8), code, absmax, nested, (out_features, in_features), blocksize,
-                                  quant_dtype, dtype)
-
-
-@dequantize_nf4_op.register_fake
-def _dequantize_nf4_fake(packed, code, absmax, absmax2, code2, offset, out_features, in_features, blocksize,  # noqa: ANN001, ANN202
-                         nested_blocksize, quant_dtype, dtype):
-    return packed.new_empty((out_features, in_features), dtype=dtype)
+    shape = (out_features, in_features)
+    if packed.device.type != "cuda":
+        return dequantize_nf4_storage_reference(packed, code, absmax, nested, shape, blocksize, quant_dtype).to(dtype)
+    return dequantize_nf4_storage(packed.view(torch.uint8), code, absmax, nested, shape, blocksize, quant_dtype, dtype,
+                                  wrap_kernel=torch.library.wrap_triton)
 
 
 def _storage_args(quant_state) -> tuple:  # noqa: ANN001

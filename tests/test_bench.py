@@ -95,6 +95,43 @@ def test_the_phase_clock_times_each_phase_from_the_end_of_the_one_before(monkeyp
         clock.mark("loss")
 
 
+def test_each_phases_peak_is_its_highest_over_the_timed_steps():
+    peaks = [{"forward": 9e9, "backward": 9e9}] + [
+        {"forward": f, "backward": 2e9, "optimizer": 1e9} for f in (3e9, 4e9, 3.5e9)]
+    log = StepLog(times=[18.0, 0.007, 0.004, 0.006], losses=[1.0] * 4, phase_peaks=peaks)
+    assert summarize(log, warmup=1, tokens_per_step=1)["peak_by_phase_GB"] == {
+        "forward": 4.0, "backward": 2.0, "optimizer": 1.0}
+    assert summarize(StepLog(times=[1.0], losses=[1.0]), warmup=0, tokens_per_step=1)["peak_by_phase_GB"] is None
+
+
+def test_without_cuda_the_phase_memory_records_nothing():
+    memory = measure.PhaseMemory("cpu")
+    clock, log = PhaseClock(memory), StepLog()
+    clock.start()
+    clock.mark("forward")
+    clock.record(log)
+    assert log.phases and not log.phase_peaks and memory.peak_allocated == 0
+
+
+@pytest.mark.gpu
+def test_the_phase_memory_finds_the_phase_that_held_the_most():
+    import torch
+
+    memory = measure.PhaseMemory("cuda")
+    clock, log = PhaseClock(memory), StepLog()
+    clock.start()
+    big = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    del big
+    clock.mark("forward")
+    small = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
+    clock.mark("backward")
+    clock.record(log)
+    (peaks,) = log.phase_peaks
+    assert peaks["forward"] - peaks["backward"] >= (63 << 20)
+    assert memory.peak_allocated >= peaks["forward"] >= (64 << 20)
+    del small
+
+
 def test_the_longest_sequence_is_bisected_to_the_resolution(monkeypatch, tmp_path):
     tried = []
 

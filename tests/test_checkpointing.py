@@ -71,6 +71,17 @@ def test_offload_moves_each_layer_input_out_and_back_one_layer_ahead(built, mode
     model.zero_grad(set_to_none=True)
 
 
+def test_an_empty_saved_tensor_stays_where_it_is_even_with_no_size_floor():
+    """Some torch releases save an empty marker tensor with each checkpoint's inputs: it is not a layer input to
+    move. An empty positional input is saved the same way, on every release."""
+    offloader = ActivationOffloader(min_bytes=0)
+    x = torch.randn(4, 8, requires_grad=True)
+    offloader.checkpoint(lambda x, marker: x.sin(), x, torch.empty(0)).sum().backward()
+    assert offloader.counts.offloaded == 1 and offloader.counts.offloaded_bytes == x.numel() * x.element_size()
+    assert offloader.counts.fetched_on_demand == 1 and offloader.waiting() == []
+    torch.testing.assert_close(x.grad, x.detach().cos())
+
+
 def test_nothing_is_offloaded_without_grad_or_below_the_size_worth_a_copy(built, one_cpu_thread):
     model, batch = built("qwen2_vl")
     offloader = enable_checkpointing(model, "offload", ActivationOffloader(min_bytes=0))

@@ -18,22 +18,25 @@ from vlm.quant.config import QuantConfig
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    """Each test compiles anew, and the compiled layers round where the eager ones do: inductor otherwise keeps
-    a fused chain of bf16 ops in fp32, which is more exact but not bit for bit eager."""
+    """Each test compiles anew."""
     import torch._dynamo
-    import torch._inductor.config
 
     torch._dynamo.reset()
-    with torch._inductor.config.patch(emulate_precision_casts=True):
-        yield
+    yield
     torch._dynamo.reset()
+
+
+# The compiled and the eager layers are compared in fp32, where they differ only by the order of fp32 sums. In
+# bf16, where inductor rounds a fused chain of ops depends on the torch release and on the CPU's instruction set.
+LOSS_TOLERANCE = {"rtol": 1e-6, "atol": 1e-6}
+GRAD_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}  # the grads reach 0.3; a bf16 rounding would be 1e-3
 
 
 def _model(tiny_checkpoint, model_type: str, checkpointing: str = "standard"):
-    """A tiny QLoRA model as the build makes it, with non-zero LoRA B so that every LoRA grad is non-zero."""
+    """A tiny fp32 QLoRA model as the build makes it, with non-zero LoRA B so that every LoRA grad is non-zero."""
     family = get_family(model_type)
     path = tiny_checkpoint(model_type)
-    model = qlora_with_live_adapters(path, family)
+    model = qlora_with_live_adapters(path, family, QuantConfig(compute_dtype="float32"))
     run_frozen_parts_forward_only(model, family)
     enable_checkpointing(model, checkpointing)
     return model.train(), one_image_conversation(load_processor(path, family))
@@ -45,15 +48,20 @@ def _compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def test_compiled_layers_train_as_the_eager_layers_do_and_evaluation_runs_the_eager_ones(tiny_checkpoint,
+@pytest.mark.parametrize("checkpointing", ["standard", "offload"])
+def test_compiled_layers_train_as_the_eager_layers_do_and_evaluation_runs_the_eager_ones(tiny_checkpoint, checkpointing,
                                                                                         one_cpu_thread):
-    """Mllama (self- and cross-attention layers) with standard checkpointing, recomputed inside the compiled region."""
+    """Mllama (self- and cross-attention layers), each layer recomputed in the backward: inside the compiled program
+    (standard), or by the eager checkpoint that sends its input to host memory (offload)."""
     from torch._dynamo.utils import counters
 
     eager, batch = _model(tiny_checkpoint, "mllama")
     expected_loss, expected_grads = loss_and_grads(eager, batch)
     model, _ = _model(tiny_checkpoint, "mllama")
-    compiled = compile_layers(model)
+    offloader = enable_checkpointing(model, checkpointing)
+    if offloader is not None:
+        offloader.min_bytes = 0  # the tiny model's inputs are a few KB
+    compiled = compile_layers(model, offloader)
     assert compiled.trainable == len(trainable_decoder_layers(model)) > 0
     assert compiled.frozen > 0 and compiled.traced_4bit > 0  # the vision tower's blocks, every NF4 linear
     graphs = []
@@ -61,18 +69,20 @@ def test_compiled_layers_train_as_the_eager_layers_do_and_evaluation_runs_the_ea
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
             loss, grads = loss_and_grads(model, batch)
         graphs.append(_compiled_graphs())
-        assert torch.equal(loss, expected_loss)
+        torch.testing.assert_close(loss, expected_loss, **LOSS_TOLERANCE)
         assert grads.keys() == expected_grads.keys()
         for name, grad in expected_grads.items():
-            torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(grads[name], grad, **GRAD_TOLERANCE, msg=name)
     # Compiled whole, not run eagerly around a break, and once: the second step compiled nothing.
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs[0] == graphs[1] > 0
-    # The compiled programs dequantize with our operator: bitsandbytes runs only the 4-bit layers outside them
-    # (the projector), each once, forward only.
+    if offloader is not None:  # the hooks saw each layer's input, once a step, and nothing the programs keep
+        assert offloader.counts.offloaded == 2 * compiled.trainable
+        assert not offloader.waiting()
+    # The compiled programs dequantize with our operator (on the CPU it compiles into the layer's program):
+    # bitsandbytes runs only the 4-bit layers outside them (the projector), each once, forward only.
     called = [event.name for event in profile.events()]
     outside = [m for m in model.modules() if type(m) is bnb.nn.Linear4bit]
-    assert "vlm::dequantize_nf4" in called
     assert called.count("bitsandbytes::gemm_4bit") == len(outside) == 1
 
     model.eval()
@@ -80,7 +90,7 @@ def test_compiled_layers_train_as_the_eager_layers_do_and_evaluation_runs_the_ea
     with torch.no_grad():
         logits, expected = model(**batch).logits, eager(**batch).logits
     assert _compiled_graphs() == graphs[-1]  # nothing more compiled: the eager layers ran
-    assert torch.equal(logits, expected)  # the same weights: no optimizer step ran
+    assert torch.equal(logits, expected)  # the same eager layers and weights: no optimizer step ran
 
 
 def test_trainable_layers_compile_for_training_and_the_frozen_towers_blocks_for_their_forward(tiny_checkpoint):
@@ -110,10 +120,16 @@ def test_a_model_without_trainable_decoder_layers_is_refused(tiny_checkpoint):
         compile_layers(model)
 
 
-def test_compile_values_and_the_offload_combination_are_checked():
-    assert check_compile("none", "offload") == "none"
-    assert check_compile("layers", "standard") == "layers"
+def test_compile_values_are_checked():
+    assert check_compile("none") == "none"
+    assert check_compile("layers") == "layers"
     with pytest.raises(ValueError, match=r"model\.compile='all' must be one of none, layers"):
         check_compile("all")
-    with pytest.raises(ValueError, match=r"model\.compile=layers does not combine with model\.checkpointing=offload"):
-        check_compile("layers", "offload")
+
+
+def test_offloaded_checkpointing_needs_the_layers_checkpointed_first(tiny_checkpoint):
+    from vlm.models.checkpointing import ActivationOffloader
+
+    model, _ = _model(tiny_checkpoint, "qwen2_vl", checkpointing="none")
+    with pytest.raises(ValueError, match="is not checkpointed"):
+        compile_layers(model, ActivationOffloader())

@@ -135,7 +135,6 @@ def test_lora_targets_that_match_no_linear_layer_stop_the_run_before_weights_loa
     (["model.compile=layers", "kernels=all"],
      r"model\.compile=layers .* \(rms_norm, layer_norm, rope, swiglu, geglu, lora\): set kernels\.rms_norm=false .*kernels\.lora=false"),
     (["model.compile=layers", "kernels.lora=true"], r"\(lora\): set kernels\.lora=false \(kernels=none"),
-    (["model.compile=layers", "model.checkpointing=offload"], r"model\.compile=layers does not combine with model\.checkpointing=offload"),
     (["model.compile=layers", "trainer=fsdp"], r"model\.compile=layers is not supported with FSDP \(trainer=fsdp\) yet"),
 ])
 def test_compiled_layers_refuse_what_they_cannot_take_before_anything_is_built(overrides, message, tmp_path, monkeypatch):

@@ -210,15 +210,17 @@ def test_two_ranks_of_batch_4_train_as_one_process_of_batch_8(runs):
     """The same global batches in the same order and the same gradients (above): the same run, up to
     float rounding, which Adam magnifies where a gradient entry is near zero (its update is about
     lr times the entry's sign, whatever its size). Measured: the losses before any update (the
-    model computes in bf16, which rounds a batch of 8 otherwise than two of 4) agree to 1e-5, the
-    losses after four steps at lr 3e-3 to about 1e-3; asserted to 1e-4 and 1e-2."""
+    model computes in bf16, which rounds a batch of 8 otherwise than two of 4, by how much depending on
+    the CPU's bf16 instructions) agree to 1e-5 on one CPU and to 2.6e-4 on another (AMD EPYC with
+    AVX512-BF16), the losses after four steps at lr 3e-3 to about 1e-3; asserted to 2e-3 and 1e-2. Weighting
+    the ranks' gradients wrongly shows at 3e-2 (above)."""
     ddp, single = metrics(runs["ddp"][0]), metrics(runs["single"][0])
-    assert ddp["initial_val_loss"] == pytest.approx(single["initial_val_loss"], rel=1e-4)
+    assert ddp["initial_val_loss"] == pytest.approx(single["initial_val_loss"], rel=2e-3)
     assert ddp["final_val_loss"] < 0.7 * ddp["initial_val_loss"]  # it learned
     assert ddp["final_val_loss"] == pytest.approx(single["final_val_loss"], rel=1e-2)
     ddp_curve, single_curve = train_losses(runs["ddp"][0]), train_losses(runs["single"][0])
     assert len(ddp_curve) == len(single_curve) == STEPS
-    assert ddp_curve[0] == pytest.approx(single_curve[0], rel=1e-4)  # before any update
+    assert ddp_curve[0] == pytest.approx(single_curve[0], rel=2e-3)  # before any update
     assert ddp_curve == pytest.approx(single_curve, rel=1e-2)
     assert (ddp["first_train_loss"], ddp["last_train_loss"]) == pytest.approx(
         (single["first_train_loss"], single["last_train_loss"]), rel=1e-2)

@@ -37,10 +37,10 @@ def one_image_conversation(processor, seed: int = 0) -> dict[str, torch.Tensor]:
     return dict(batch)
 
 
-def qlora_with_live_adapters(path: str, family) -> torch.nn.Module:
+def qlora_with_live_adapters(path: str, family, quant: QuantConfig | None = None) -> torch.nn.Module:
     """A tiny 4-bit model of ``family`` with LoRA r 4 whose B is not zero, so that every LoRA grad is non-zero."""
     torch.manual_seed(0)
-    model = apply_lora(load_model(path, family, QuantConfig())[0], family, LoraSettings(r=4, alpha=8))
+    model = apply_lora(load_model(path, family, quant or QuantConfig())[0], family, LoraSettings(r=4, alpha=8))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

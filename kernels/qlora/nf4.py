@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._rounding import round_to_nearest
+from .._rounding import multiply_unfused, round_to_nearest
 
 # bitsandbytes stores a weight as ceil(n/2) bytes of the flattened row-major [out, in] weight,
 # element 2i in the high nibble of byte i and element 2i+1 in the low nibble.
@@ -73,7 +73,7 @@ def _block_absmax(
         scale2 = tl.load(absmax2_ptr + blocks // NESTED_BS, mask=block_mask, other=0.0).to(tl.float32)
         value = tl.load(code2_ptr + absmax_code, mask=block_mask, other=0.0).to(tl.float32)
         offset = tl.load(offset_ptr).to(tl.float32)
-        return value * scale2 + offset
+        return multiply_unfused(value, scale2) + offset  # rounded, then added: bitsandbytes' two steps
     else:
         return tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0).to(tl.float32)
 
@@ -244,17 +244,20 @@ def _dequantize_widened(packed, quant_state, right, width) -> torch.Tensor:  # n
         RANK=max(1, triton.next_power_of_2(rank)),
         PAD=triton.next_power_of_2(max(1, width - in_features - rank)),
         num_warps=_DEQUANT_WARPS,
-        # bitsandbytes rounds code2*scale2 before adding the offset; an fma would not.
-        enable_fp_fusion=False,
     )
     return out
 
 
+def _launch_directly(kernel):  # noqa: ANN001, ANN202
+    return kernel
+
+
 def dequantize_nf4_storage(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, nested,  # noqa: ANN001
                            shape: tuple[int, int], blocksize: int, quant_dtype: torch.dtype,
-                           dtype: torch.dtype) -> torch.Tensor:
+                           dtype: torch.dtype, wrap_kernel=_launch_directly) -> torch.Tensor:  # noqa: ANN001
     """``dequantize_nf4`` from the storage tensors (``storage_tensors``), all on ``packed``'s device, with as little
-    host work as a launch allows: the compiled layers call it once a linear, forward and backward."""
+    host work as a launch allows. ``wrap_kernel`` is what the kernel is launched through:
+    ``torch.library.wrap_triton`` lets a compiled program launch it itself."""
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     numel = shape[0] * shape[1]
     if numel == 0:
@@ -265,10 +268,9 @@ def dequantize_nf4_storage(packed: torch.Tensor, code: torch.Tensor, absmax: tor
         nested_blocksize = 1
     else:
         absmax2, code2, offset, nested_blocksize = nested
-    _dequantize_nf4_plain_kernel[(-(-numel // (blocksize * blocks_per_program)),)](
+    wrap_kernel(_dequantize_nf4_plain_kernel)[(-(-numel // (blocksize * blocks_per_program)),)](
         packed, code, absmax, absmax2, code2, offset, out, numel,
         BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=blocks_per_program, NESTED=nested is not None,
         NESTED_BS=nested_blocksize, QUANT_DTYPE=_TL_DTYPES[quant_dtype], num_warps=_DEQUANT_WARPS,
-        enable_fp_fusion=False,
     )
     return out

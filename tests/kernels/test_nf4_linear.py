@@ -67,6 +67,29 @@ def test_compiled_whole_it_computes_what_it_computes_eagerly():
     torch._dynamo.reset()
 
 
+@pytest.mark.gpu
+def test_a_compiled_program_launches_the_dequantization_kernel_itself():
+    """The operator's Python (its launch arguments, the custom-op dispatch) runs once, while compiling: the
+    program calls the Triton kernel directly, once for the forward and once for the backward."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    inputs = _inputs(double_quant=True, with_bias=False, seed=4)
+    compiled = torch.compile(nf4_linear, fullgraph=True)
+    expected = _run(nf4_linear, *inputs)
+    _run(compiled, *inputs)  # compiles
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as profile:
+        got = _run(compiled, *inputs)
+    names = [event.name for event in profile.events()]
+    assert "vlm::dequantize_nf4" not in names
+    assert sum("_dequantize_nf4_plain_kernel" in name and event.device_type == torch.autograd.DeviceType.CUDA
+               for name, event in zip(names, profile.events())) == 2
+    for a, b in zip(got[:2], expected[:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
 def test_the_backward_keeps_the_packed_weight_not_a_16_bit_copy():
     x, packed, quant_state, _, _ = _inputs(double_quant=True, with_bias=False)
     saved: list[torch.Tensor] = []

@@ -1,6 +1,6 @@
 """What one recipe's run is measured by: the median step after warm-up, tokens/s, peak allocated
-and reserved memory, weight memory, the first losses, the warm-up time, and the host time of each
-phase of the step.
+and reserved memory (over the run, and in each phase of the step), weight memory, the first losses, the
+warm-up time, and the host time of each phase of the step.
 
 Every step is bracketed by device synchronisation, so a step's time is its whole cost, host and GPU.
 Inside it nothing synchronises: the phases are where the host got to (:class:`PhaseClock`).
@@ -23,26 +23,62 @@ PHASES = ("forward", "backward", "optimizer", "device_wait")
 
 @dataclass
 class StepLog:
-    """Wall time and loss of each step, in order, and the host seconds of each phase of each step."""
+    """Wall time and loss of each step, in order, the host seconds of each phase of each step, and (on CUDA)
+    each phase's peak of allocated bytes."""
 
     times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     phases: list[dict[str, float]] = field(default_factory=list)
+    phase_peaks: list[dict[str, int]] = field(default_factory=list)
+
+
+class PhaseMemory:
+    """The peak of allocated memory in each phase of a step, and the peaks over the whole run, the build
+    before the first step included; on CUDA only (elsewhere it records nothing).
+
+    The allocator's peak counters are read and reset at each phase's end. They are host-side bookkeeping, so
+    reading them does not synchronise the device.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.enabled = device == "cuda"
+        self.peak_allocated = self.peak_reserved = 0  # bytes, over every phase and what came before
+        self.peaks: dict[str, int] = {}  # bytes, of the current step's phases
+
+    def start(self) -> None:
+        self.peaks = {}
+        self._take()
+
+    def mark(self, phase: str) -> None:
+        if self.enabled and phase not in self.peaks:
+            self.peaks[phase] = self._take()
+
+    def _take(self) -> int:
+        if not self.enabled:
+            return 0
+        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        self.peak_allocated, self.peak_reserved = max(self.peak_allocated, allocated), max(self.peak_reserved, reserved)
+        torch.cuda.reset_peak_memory_stats()
+        return allocated
 
 
 class PhaseClock:
-    """When the host finished each phase of a step, read without synchronising the device.
+    """When the host finished each phase of a step, read without synchronising the device; with ``memory``,
+    also each phase's peak memory.
 
     Where the host runs ahead of the GPU, a phase ends when its work is queued, not done, and the device's
     lag shows up as ``device_wait``; where the host is the bottleneck, each phase's time is its host cost.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, memory: PhaseMemory | None = None) -> None:
         self._start = 0.0
         self._ends: dict[str, float] = {}
+        self.memory = memory
 
     def start(self) -> None:
         self._start, self._ends = time.perf_counter(), {}
+        if self.memory is not None:
+            self.memory.start()
 
     def mark(self, phase: str) -> None:
         """``phase`` (of :data:`PHASES`) has ended; a second mark of it in the same step is ignored."""
@@ -50,6 +86,14 @@ class PhaseClock:
             raise ValueError(f"unknown phase {phase!r}; the phases are {', '.join(PHASES)}")
         if phase not in self._ends:
             self._ends[phase] = time.perf_counter()
+            if self.memory is not None:
+                self.memory.mark(phase)
+
+    def record(self, log: StepLog) -> None:
+        """Append this step's phase times (and peaks) to ``log``."""
+        log.phases.append(self.durations())
+        if self.memory is not None and self.memory.peaks:
+            log.phase_peaks.append(dict(self.memory.peaks))
 
     def durations(self) -> dict[str, float]:
         """Seconds of each phase marked this step, from the end of the phase marked before it."""
@@ -81,6 +125,8 @@ class Measurement:
     losses: tuple[float, ...] = ()
     times: tuple[float, ...] = ()
     host_phases_ms: dict[str, float] | None = None  # median over the timed steps, where every one marked it
+    # The highest peak of each phase over the timed steps: where the run's peak lies (forward, backward, optimizer).
+    peak_by_phase_GB: dict[str, float] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +145,7 @@ def summarize(log: StepLog, warmup: int, tokens_per_step: int) -> dict:
         "losses": tuple(log.losses),
         "times": tuple(round(t, 4) for t in log.times),
         "host_phases_ms": median_phases(log.phases[warmup:] or log.phases),
+        "peak_by_phase_GB": highest_phase_peaks(log.phase_peaks[warmup:] or log.phase_peaks),
     }
 
 
@@ -109,11 +156,22 @@ def median_phases(steps: list[dict[str, float]]) -> dict[str, float] | None:
     return {phase: round(1000 * statistics.median(step[phase] for step in steps), 2) for phase in marked}
 
 
-def memory_fields(device: str, weights_bytes: int | None) -> dict:
+def highest_phase_peaks(steps: list[dict[str, int]]) -> dict[str, float] | None:
+    marked = [phase for phase in PHASES if steps and all(phase in step for step in steps)]
+    if not marked:
+        return None
+    return {phase: round(max(step[phase] for step in steps) / 1e9, 3) for phase in marked}
+
+
+def memory_fields(device: str, weights_bytes: int | None, memory: PhaseMemory | None = None) -> dict:
+    """Weight memory, and the run's peaks: those ``memory`` took at each phase and what the counters hold since."""
     fields = {"weights_GB": None if weights_bytes is None else round(weights_bytes / 1e9, 3)}
     if device == "cuda":
-        fields["peak_allocated_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
-        fields["peak_reserved_GB"] = round(torch.cuda.max_memory_reserved() / 1e9, 3)
+        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        if memory is not None:
+            allocated, reserved = max(allocated, memory.peak_allocated), max(reserved, memory.peak_reserved)
+        fields["peak_allocated_GB"] = round(allocated / 1e9, 3)
+        fields["peak_reserved_GB"] = round(reserved / 1e9, 3)
     return fields
 
 
@@ -123,12 +181,12 @@ def synchronize(device: str) -> None:
 
 
 def timed_steps(step: Callable[[PhaseClock], torch.Tensor], count: int, device: str,
-                profile_to: Path | None = None) -> StepLog:
+                profile_to: Path | None = None) -> tuple[StepLog, PhaseMemory]:
     """Run ``step`` (one optimizer step; returns its loss, not yet read) ``count`` times, each timed
     whole; the loss is read after the timing, so that reading it adds no host sync to the step.
     ``step`` marks the ends of its phases on the clock it is given. With ``profile_to``, one more step
     runs under the profiler (untimed), its tables written there."""
-    log, clock = StepLog(), PhaseClock()
+    log, clock = StepLog(), PhaseClock(PhaseMemory(device))
     for _ in range(count):
         synchronize(device)
         start = time.perf_counter()
@@ -138,12 +196,12 @@ def timed_steps(step: Callable[[PhaseClock], torch.Tensor], count: int, device: 
         synchronize(device)
         clock.mark("device_wait")
         log.times.append(time.perf_counter() - start)
-        log.phases.append(clock.durations())
+        clock.record(log)
         log.losses.append(float(loss))
     if profile_to is not None:
         with StepProfile(profile_to, device):
             step(PhaseClock())
-    return log
+    return log, clock.memory
 
 
 class StepProfile:

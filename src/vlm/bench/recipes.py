@@ -27,7 +27,7 @@ from typing import Any
 import lightning
 import torch
 
-from .measure import PhaseClock, StepLog, StepProfile, synchronize, timed_steps
+from .measure import PhaseClock, PhaseMemory, StepLog, StepProfile, synchronize, timed_steps
 from .work import BenchWork
 
 RECIPES = ("standard", "unsloth", "liger", "ours")
@@ -38,12 +38,13 @@ LORA_ALPHA = 16
 @dataclass(frozen=True)
 class RecipeRun:
     """What running a recipe gave: its steps, the bytes its weights took on the device after loading
-    (``None`` where unknown), its build time, and how many parameters it trained."""
+    (``None`` where unknown), its build time, how many parameters it trained, and its memory peaks."""
 
     steps: StepLog
     weights_bytes: int | None
     build_s: float
     trainable_params: int
+    memory: PhaseMemory
 
 
 def trainable_count(model: torch.nn.Module) -> int:
@@ -87,7 +88,8 @@ def run_recipe(name: str, work: BenchWork, checkpoint: Path, batch: dict[str, to
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return RecipeRun(timed_steps(step, steps, work.device, profile_to), weights, built, trainable_count(model))
+    log, memory = timed_steps(step, steps, work.device, profile_to)
+    return RecipeRun(log, weights, built, trainable_count(model), memory)
 
 
 def device_bytes(device: str) -> int | None:
@@ -241,7 +243,7 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
     loader = torch.utils.data.DataLoader(RepeatedBatch(batch, total), batch_size=None)
     build_s = time.perf_counter() - started
     trainer.fit(module, train_dataloaders=loader)
-    return RecipeRun(timer.steps, weights, build_s, trainable_count(built.model))
+    return RecipeRun(timer.steps, weights, build_s, trainable_count(built.model), timer.memory)
 
 
 class RepeatedBatch(torch.utils.data.Dataset):
@@ -266,7 +268,8 @@ class StepTimer(lightning.Callback):
     def __init__(self, device: str, timed: int, profile_to: Path | None = None) -> None:
         self.device, self.timed, self.profile_to = device, timed, profile_to
         self.steps = StepLog()
-        self.clock = PhaseClock()
+        self.memory = PhaseMemory(device)
+        self.clock = PhaseClock(self.memory)
         self._start = 0.0
         self._profile: StepProfile | None = None
 
@@ -293,6 +296,6 @@ class StepTimer(lightning.Callback):
         synchronize(self.device)
         self.clock.mark("device_wait")
         self.steps.times.append(time.perf_counter() - self._start)
-        self.steps.phases.append(self.clock.durations())
+        self.clock.record(self.steps)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.steps.losses.append(float(loss))

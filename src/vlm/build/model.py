@@ -101,7 +101,7 @@ def build_model(recipe: ModelRecipe, planning: Planning, steps: BuildSteps = Bui
             summary += ", the layer inputs kept for it in pinned host memory"
         built.reports.append(StepReport("checkpointing", summary))
     if steps.compile and recipe.compile == "layers":
-        built.reports.append(StepReport("compile", compile_layers(built.model).summary()))
+        built.reports.append(StepReport("compile", compile_layers(built.model, built.offloader).summary()))
     return built
 
 

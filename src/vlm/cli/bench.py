@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if result.get("host_phases_ms"):
                 print("  host ms: " + ", ".join(f"{phase} {ms:.1f}" for phase, ms in result["host_phases_ms"].items()),
                       flush=True)
+            if result.get("peak_by_phase_GB"):
+                print("  peak GB: " + ", ".join(f"{phase} {gb:.2f}" for phase, gb in result["peak_by_phase_GB"].items()),
+                      flush=True)
     longest = []
     if args.longest:
         for recipe in args.recipes:

@@ -104,7 +104,9 @@ class ActivationOffloader:
 
     # ------------------------------------------------------------------ forward: to host memory
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor | _Offloaded:
-        if tensor.numel() * tensor.element_size() < self.min_bytes or not tensor.is_contiguous():
+        size = tensor.numel() * tensor.element_size()
+        # Empty tensors hold nothing to move (some torch releases save an empty marker with each checkpoint).
+        if size == 0 or size < self.min_bytes or not tensor.is_contiguous():
             return tensor
         if tensor.is_cuda:
             stream = self._stream(tensor.device)

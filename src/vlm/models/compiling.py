@@ -13,18 +13,26 @@ the gated activation, the LoRA sums) into a few kernels.
 - Layers of one class share one compiled program: the first step compiles each class once (the warm-up
   the bench reports), and one further compile follows the first change of sequence length, after which
   the length is symbolic.
-- Checkpointing stays what ``model.checkpointing`` says, inside the compiled region: the compiled
-  backward recomputes the layer from its input.
+- Checkpointing stays what ``model.checkpointing`` says. Under ``standard`` the checkpoint is traced with the
+  layer where Hugging Face checkpoints ``forward``, so the compiled backward recomputes the layer from its
+  input. Under ``offload`` the checkpoint stays eager, with the offloader's saved-tensor hooks (which cannot be
+  traced) around it, and what it runs and recomputes, the layer, is compiled: the hooks then see the layer's
+  input alone, not what the compiled program keeps inside the checkpoint.
 - Only training steps run compiled (module in training mode; the trainable layers also with grad enabled);
   evaluation and generation, with their caches, run the eager layers.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .checkpointing import ActivationOffloader
 
 COMPILE = ("none", "layers")
 # Kernels patched into the decoder layers' modules. Compiled, a layer fuses those ops itself, and our
@@ -32,14 +40,9 @@ COMPILE = ("none", "layers")
 KERNELS_INSIDE_LAYERS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu", "lora")
 
 
-def check_compile(mode: object, checkpointing: str | None = None, key: str = "model.compile") -> str:
+def check_compile(mode: object, key: str = "model.compile") -> str:
     if mode not in COMPILE:
         raise ValueError(f"{key}={mode!r} must be one of {', '.join(COMPILE)}")
-    if mode == "layers" and checkpointing == "offload":
-        # The offloader's saved-tensor hooks cannot be traced, and outside the compiled region they would see
-        # every tensor the compiled backward keeps (weights included), not the layer inputs alone.
-        raise ValueError(f"{key}=layers does not combine with model.checkpointing=offload: "
-                         "use model.checkpointing=standard or none with it, or model.compile=none")
     return mode
 
 
@@ -93,9 +96,10 @@ def frozen_repeated_blocks(model: nn.Module, compiled: list[nn.Module]) -> list[
     return found
 
 
-def compile_layers(model: nn.Module) -> CompiledLayers:
+def compile_layers(model: nn.Module, offloader: ActivationOffloader | None = None) -> CompiledLayers:
     """Compile each trainable decoder layer of ``model`` for its training steps, and each block of its frozen
-    stacks for the forward of those steps; their NF4 linears are traced into the compiled programs."""
+    stacks for the forward of those steps; their NF4 linears are traced into the compiled programs. With the
+    ``offloader`` of ``model.checkpointing=offload``, each trainable layer is compiled inside its checkpoint."""
     from vlm.quant.bnb_layers import trace_4bit_linears_when_compiled
 
     layers = trainable_decoder_layers(model)
@@ -104,7 +108,10 @@ def compile_layers(model: nn.Module) -> CompiledLayers:
     blocks = frozen_repeated_blocks(model, layers)
     traced = sum(trace_4bit_linears_when_compiled(module) for module in layers + blocks)
     for layer in layers:
-        _compile_when(layer, lambda layer=layer: layer.training and torch.is_grad_enabled())
+        if offloader is None:
+            _compile_when(layer, lambda layer=layer: layer.training and torch.is_grad_enabled())
+        else:
+            _compile_inside_offloaded_checkpoint(layer, offloader)
     for block in blocks:  # forward only, under no_grad: no cache to keep eager for, but eval stays eager
         _compile_when(block, lambda block=block: block.training)
     return CompiledLayers(len(layers), len(blocks), traced)
@@ -120,3 +127,25 @@ def _compile_when(module: nn.Module, compiled_now) -> None:  # noqa: ANN001
         return eager(*args, **kwargs)
 
     module.forward = forward
+
+
+def _compile_inside_offloaded_checkpoint(layer: nn.Module, offloader: ActivationOffloader) -> None:
+    """Hugging Face checkpoints ``layer`` only in training steps with grad, through ``_gradient_checkpointing_func``:
+    that checkpoint runs the layer compiled. Outside it (evaluation, no grad) the layer runs eagerly."""
+    if getattr(layer, "gradient_checkpointing", False) is not True:
+        raise ValueError(f"model.compile=layers with model.checkpointing=offload: {type(layer).__name__} is not "
+                         "checkpointed (enable the checkpointing first)")
+    run = _compiled_call()
+    layer._gradient_checkpointing_func = lambda function, *args: offloader.checkpoint(functools.partial(run, function),
+                                                                                      *args)
+
+
+def _call(function, *args):  # noqa: ANN001, ANN002, ANN202
+    return function(*args)
+
+
+@functools.cache
+def _compiled_call():  # noqa: ANN202
+    # One compiled caller for every layer: TorchDynamo keys its programs by the code it traces (the layer
+    # class's forward), so layers of one class share one.
+    return torch.compile(_call)

@@ -103,7 +103,7 @@ class ModelSpec:
                 f"model.attn_implementation={self.attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}"
             )
         check_checkpointing(self.checkpointing)
-        check_compile(self.compile, self.checkpointing)
+        check_compile(self.compile)
 
     @property
     def is_tiny(self) -> bool:
