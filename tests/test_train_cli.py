@@ -110,26 +110,6 @@ def test_demo_run_writes_metrics_adapter_checkpoint_and_an_offline_wandb_run(tmp
     assert list(offline_runs[0].glob("files/media/table/quant/layers*.table.json"))
 
 
-@pytest.mark.slow
-def test_the_installed_command_trains_from_any_directory_and_says_wandb_is_offline(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    env.update(VLM_CACHE_DIR=str(tmp_path / "cache"), NETRC=str(tmp_path / "no-netrc"))
-    command = [
-        sys.executable, "-m", "vlm.cli.train",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        "demo_data.n_train=32", "demo_data.n_val=8", "data.num_workers=1",
-        "trainer.max_steps=2", "trainer.val_check_interval=1", "trainer.enable_progress_bar=false",
-    ]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "W&B is offline" in done.stderr and "wandb sync" in done.stderr
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "completed"
-
-    bad = subprocess.run([*command, "lora.r=-4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2
-    assert "invalid config: lora.r=-4 must be a positive integer" in bad.stderr
-
-
 def cpu_path_env(tmp_path: Path, cpu_path: str) -> dict[str, str]:
     """A user's environment (no W&B key, a fresh cache), with bitsandbytes on ``cpu_path``."""
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_SILENT", "TRITON_INTERPRET")}
@@ -145,7 +125,8 @@ def cpu_path_env(tmp_path: Path, cpu_path: str) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("cpu_path", ["as_found", "without_avx512_bf16"])
 def test_the_readme_demo_learns_and_its_screen_shows_the_run_and_no_warning(tmp_path, cpu_path):
-    """`vlm-train` exactly as the Quickstart runs it, on this CPU's bitsandbytes path and on the other one."""
+    """`vlm-train` exactly as the Quickstart runs it (the installed command, from a directory outside the project,
+    with no W&B key), on this CPU's bitsandbytes path and on the other one."""
     env = cpu_path_env(tmp_path, cpu_path)
     command = str(Path(sys.executable).with_name("vlm-train"))
     done = subprocess.run([command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -166,4 +147,5 @@ def test_the_readme_demo_learns_and_its_screen_shows_the_run_and_no_warning(tmp_
     assert "step 100/100" in screen
     (done_line,) = [line for line in lines if line.startswith("done in ")]
     assert done_line.endswith(f"→ {run}")
+    assert "W&B is offline" in screen
     assert f"  W&B         wandb sync {offline}" in lines[lines.index(done_line):]
