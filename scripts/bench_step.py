@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "image_tokens": image_tokens,
         "step_s": round(step, 3), "tokens_per_s": round(args.tokens / step),
         # The step timer resets the allocator's peak at each phase; its own record holds the run's peak.
-        "peak_allocated_GB": None if args.smoke else round(max(torch.cuda.max_memory_allocated(),
-                                                                memory.peak_allocated) / 2**30, 2),
+        "peak_allocated_GB": None if args.smoke else round(memory.run_peaks()[0] / 2**30, 2),
         "loss": round(log.losses[-1], 4), "times": [round(t, 3) for t in times],
         "host_phases_ms": median_phases(log.phases[2:]),
     }

@@ -53,6 +53,12 @@ class PhaseMemory:
         if self.enabled and phase not in self.peaks:
             self.peaks[phase] = self._take()
 
+    def run_peaks(self) -> tuple[int, int]:
+        """Allocated and reserved bytes at their highest over the run so far, the counters since the last phase
+        included."""
+        self._take()
+        return self.peak_allocated, self.peak_reserved
+
     def _take(self) -> int:
         if not self.enabled:
             return 0
@@ -149,27 +155,29 @@ def summarize(log: StepLog, warmup: int, tokens_per_step: int) -> dict:
     }
 
 
+def _marked_every_step(steps: list[dict]) -> list[str]:
+    return [phase for phase in PHASES if steps and all(phase in step for step in steps)]
+
+
 def median_phases(steps: list[dict[str, float]]) -> dict[str, float] | None:
-    marked = [phase for phase in PHASES if steps and all(phase in step for step in steps)]
+    marked = _marked_every_step(steps)
     if not marked:
         return None
     return {phase: round(1000 * statistics.median(step[phase] for step in steps), 2) for phase in marked}
 
 
 def highest_phase_peaks(steps: list[dict[str, int]]) -> dict[str, float] | None:
-    marked = [phase for phase in PHASES if steps and all(phase in step for step in steps)]
+    marked = _marked_every_step(steps)
     if not marked:
         return None
     return {phase: round(max(step[phase] for step in steps) / 1e9, 3) for phase in marked}
 
 
-def memory_fields(device: str, weights_bytes: int | None, memory: PhaseMemory | None = None) -> dict:
-    """Weight memory, and the run's peaks: those ``memory`` took at each phase and what the counters hold since."""
+def memory_fields(device: str, weights_bytes: int | None, memory: PhaseMemory) -> dict:
+    """Weight memory, and the run's peaks as ``memory`` kept them."""
     fields = {"weights_GB": None if weights_bytes is None else round(weights_bytes / 1e9, 3)}
     if device == "cuda":
-        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-        if memory is not None:
-            allocated, reserved = max(allocated, memory.peak_allocated), max(reserved, memory.peak_reserved)
+        allocated, reserved = memory.run_peaks()
         fields["peak_allocated_GB"] = round(allocated / 1e9, 3)
         fields["peak_reserved_GB"] = round(reserved / 1e9, 3)
     return fields
