@@ -66,6 +66,25 @@ def test_a_frozen_vision_tower_runs_forward_only_and_changes_no_gradient(model_t
     assert backward_calls == {"reference": [1], "faster": []}  # the stock build runs the tower's backward
 
 
+def test_a_frozen_mllama_tower_holds_only_the_layer_outputs_its_output_uses(tiny_checkpoint, one_cpu_thread):
+    """Its encoders return every layer's output; without autograd the tower's forward would hold them all.
+    (That its loss and gradients do not change is the test above.)"""
+    path = tiny_checkpoint("mllama")
+    family = get_family("mllama")
+    result = built("mllama", path)
+    tower = result.model.get_base_model().get_submodule(family.vision_tower)
+    assert "keeping 1 of its" in result.summary()
+    returned = {}
+    for name in ("transformer", "global_transformer"):
+        tower.get_submodule(name).register_forward_hook(
+            lambda module, args, output, name=name: returned.update({name: output.hidden_states}))
+    result.model(**one_image_conversation(load_processor(path, family)))
+    used = {index % len(tower.transformer.layers) for index in tower.intermediate_layers_indices}
+    assert [index for index, state in enumerate(returned["transformer"]) if state is not None] == sorted(used)
+    assert len(returned["transformer"]) == len(tower.transformer.layers)
+    assert all(state is None for state in returned["global_transformer"])
+
+
 def test_a_vision_tower_with_lora_weights_of_its_own_stays_in_the_backward(tiny_checkpoint):
     path = tiny_checkpoint("qwen2_vl")
     lora = LoraSettings(r=4, target_modules=r"model\.visual\.blocks\.\d+\.attn\.qkv|.*q_proj")

@@ -76,6 +76,27 @@ def test_training_memorises_and_only_lora_changes(make_qlora_model, tmp_path: Pa
     assert all(p.dtype == lora_before[n].dtype for n, p in model.named_parameters() if p.requires_grad)
 
 
+class GradientsAtForward(lightning.Callback):
+    """Whether any trainable parameter holds a gradient as each batch's forward begins."""
+
+    def __init__(self) -> None:
+        self.held: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self.held.append(any(p.grad is not None for p in pl_module.trainable_parameters()))
+
+
+def test_a_steps_gradients_are_freed_before_the_next_forward_and_kept_while_accumulating(
+    make_qlora_model, tmp_path: Path
+) -> None:
+    """Lightning zeroes them only inside the next step, after its forward: they would sit beside its activations."""
+    module = VisionLanguageFineTuner(make_qlora_model(), optimizer=functools.partial(adamw, lr=1e-3))
+    seen = GradientsAtForward()
+    trainer = make_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, callbacks=[seen])
+    trainer.fit(module, loader([make_batch(i) for i in range(4)]))
+    assert seen.held == [False, True, False, True]
+
+
 def test_configure_optimizers_uses_only_trainable_params(make_qlora_model) -> None:
     model = make_qlora_model()
     module = VisionLanguageFineTuner(

@@ -122,7 +122,11 @@ def run_frozen_parts_forward_only(model: nn.Module, family: ModelFamily) -> Step
     outermost = [n for n in parts if not any(n != other and n.startswith(other + ".") for other in parts)]
     for name in outermost:
         _forward_without_autograd(base.get_submodule(name))
-    return StepReport("frozen parts", f"{', '.join(outermost)} run forward only")
+    summary = f"{', '.join(outermost)} run forward only"
+    if family.vision_tower in parts:
+        trimmed = family.keep_only_used_tower_states(base.get_submodule(family.vision_tower))
+        summary += f", {family.vision_tower} {trimmed}" if trimmed else ""
+    return StepReport("frozen parts", summary)
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:

@@ -233,6 +233,13 @@ class VisionLanguageFineTuner(lightning.LightningModule):
 
             self.model = wrap(self.model)
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Optimizer,
+                       optimizer_closure: Callable[[], Any] | None = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Lightning zeroes the gradients inside the next step's closure, after that step's forward: freed
+        # here, this step's gradients (fp32, the size of the adapters) are not held beside its activations.
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_gradient_clipping(
         self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:

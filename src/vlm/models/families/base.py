@@ -149,6 +149,11 @@ class ModelFamily:
             **extra,
         }
 
+    def keep_only_used_tower_states(self, tower: Any) -> str | None:
+        """Make a vision tower that runs without autograd drop the layer outputs its own output does not use
+        (say how, for the build report), where the family's code holds them all; ``None``: nothing to drop."""
+        return None
+
     def prepare_loaded(self, model: Any) -> None:
         """Fix what the family's modelling code gets wrong in training, once the model is loaded."""
 
