@@ -265,3 +265,17 @@ def test_with_the_same_optimization_our_loss_curve_follows_the_standard_recipes(
     (agreement,) = report["loss_agreement"]
     assert agreement["steps"] == 12 and agreement["max_relative_difference"] < 0.05
     assert report["overrides"][:2] == ["scheduler.warmup_steps=0", "scheduler.min_lr_ratio=1.0"]
+
+
+def test_the_loss_agreement_names_the_step_of_the_largest_gap_and_the_largest_absolute_one():
+    """Near the end of memorising its batch a loss is close to 0, where a small gap is a large ratio."""
+    from vlm.cli.bench import loss_agreement
+
+    results = [{"recipe": "standard", "tokens": 8, "status": "ok", "losses": [4.0, 2.0, 0.10]},
+               {"recipe": "ours", "tokens": 8, "status": "ok", "losses": [4.2, 2.0, 0.11]},
+               {"recipe": "ours", "tokens": 16, "status": "ok", "losses": [4.0]}]  # no standard row: no agreement
+    (row,) = loss_agreement(results)
+    assert row["tokens"] == 8 and row["steps"] == 3
+    assert row["at_step"] == 2 and row["losses_there"] == [0.11, 0.10]
+    assert row["max_relative_difference"] == pytest.approx(0.1)
+    assert row["max_absolute_difference"] == pytest.approx(0.2)
