@@ -213,10 +213,12 @@ def test_the_benchmarked_architecture_is_the_reference_checkpoints(model_type):
 def test_llava_is_benchmarked_as_its_anchors_were_two_sequences_and_lora_on_attention(tmp_path):
     report = bench.main(["--smoke", "--family", "llava", "--tokens", "128", "--steps", "2", "--warmup", "1",
                          "--recipes", "standard", "ours", "--out", str(tmp_path), "--model-dir", str(tmp_path / "ckpt"),
-                         "--profile"])
+                         "--profile", "--memory-timeline"])
     standard, ours = report["results"]
     # --profile: one more step of each recipe under the profiler, untimed, its op tables beside the results.
     assert len(standard["times"]) == len(ours["times"]) == 2
+    # --memory-timeline follows CUDA's allocator: off CUDA it runs no step and reports none.
+    assert standard["memory_timeline"] == ours["memory_timeline"] == []
     for recipe in ("standard", "ours"):
         tables = tmp_path / "profile" / f"{recipe}-128"
         assert "Self CPU" in (tables / "by_host_time.txt").read_text()

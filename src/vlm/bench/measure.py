@@ -13,8 +13,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .memory_timeline import MemoryTimeline
 
 # The phases of a step in order: the forward to the loss, the backward, the optimizer step (and what else the
 # step does on the host), and the wait at the end for the device to finish what the host queued.
@@ -133,6 +137,7 @@ class Measurement:
     host_phases_ms: dict[str, float] | None = None  # median over the timed steps, where every one marked it
     # The highest peak of each phase over the timed steps: where the run's peak lies (forward, backward, optimizer).
     peak_by_phase_GB: dict[str, float] | None = None
+    memory_timeline: tuple[dict, ...] = ()  # with --memory-timeline: MemoryEvent dicts of one step after the timed ones
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -189,11 +194,11 @@ def synchronize(device: str) -> None:
 
 
 def timed_steps(step: Callable[[PhaseClock], torch.Tensor], count: int, device: str,
-                profile_to: Path | None = None) -> tuple[StepLog, PhaseMemory]:
+                profile_to: Path | None = None, timeline: MemoryTimeline | None = None) -> tuple[StepLog, PhaseMemory]:
     """Run ``step`` (one optimizer step; returns its loss, not yet read) ``count`` times, each timed
     whole; the loss is read after the timing, so that reading it adds no host sync to the step.
     ``step`` marks the ends of its phases on the clock it is given. With ``profile_to``, one more step
-    runs under the profiler (untimed), its tables written there."""
+    runs under the profiler (untimed), its tables written there; with ``timeline``, one more inside it."""
     log, clock = StepLog(), PhaseClock(PhaseMemory(device))
     for _ in range(count):
         synchronize(device)
@@ -209,6 +214,9 @@ def timed_steps(step: Callable[[PhaseClock], torch.Tensor], count: int, device: 
     if profile_to is not None:
         with StepProfile(profile_to, device):
             step(PhaseClock())
+    if timeline is not None:
+        with timeline:
+            step(timeline.clock())
     return log, clock.memory
 
 

@@ -28,6 +28,7 @@ import lightning
 import torch
 
 from .measure import PhaseClock, PhaseMemory, StepLog, StepProfile, synchronize, timed_steps
+from .memory_timeline import MemoryTimeline, model_parts
 from .work import BenchWork
 
 RECIPES = ("standard", "unsloth", "liger", "ours")
@@ -45,6 +46,7 @@ class RecipeRun:
     build_s: float
     trainable_params: int
     memory: PhaseMemory
+    memory_timeline: tuple[dict, ...] = ()
 
 
 def trainable_count(model: torch.nn.Module) -> int:
@@ -56,11 +58,13 @@ class Unavailable(Exception):
 
 
 def run_recipe(name: str, work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], steps: int,
-               overrides: Sequence[str] = (), profile_to: Path | None = None) -> RecipeRun:
+               overrides: Sequence[str] = (), profile_to: Path | None = None,
+               memory_timeline: bool = False) -> RecipeRun:
     """Build recipe ``name`` and run ``steps`` steps on ``batch`` (and, with ``profile_to``, one more
-    under the profiler, its tables written there)."""
+    under the profiler, its tables written there; with ``memory_timeline``, on CUDA, one more whose memory
+    is followed part by part)."""
     if name == "ours":
-        return run_ours(work, checkpoint, batch, steps, overrides, profile_to)
+        return run_ours(work, checkpoint, batch, steps, overrides, profile_to, memory_timeline)
     if overrides:
         raise ValueError(f"overrides {list(overrides)} configure this framework's recipe only")
     started = time.perf_counter()
@@ -88,8 +92,23 @@ def run_recipe(name: str, work: BenchWork, checkpoint: Path, batch: dict[str, to
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    log, memory = timed_steps(step, steps, work.device, profile_to)
-    return RecipeRun(log, weights, built, trainable_count(model), memory)
+    timeline = follow_memory(model, work) if memory_timeline else None
+    log, memory = timed_steps(step, steps, work.device, profile_to, timeline)
+    return RecipeRun(log, weights, built, trainable_count(model), memory, events(timeline))
+
+
+def follow_memory(model: torch.nn.Module, work: BenchWork) -> MemoryTimeline | None:
+    """A timeline over the family's parts of ``model``; ``None`` off CUDA, where no allocator counts."""
+    from vlm.models.families import get_family
+
+    if work.device != "cuda":
+        return None
+    family = get_family(work.family)
+    return MemoryTimeline(model_parts(model, family.vision_tower, family.projector, family.language_model))
+
+
+def events(timeline: MemoryTimeline | None) -> tuple[dict, ...]:
+    return () if timeline is None else tuple(event.as_dict() for event in timeline.events)
 
 
 def device_bytes(device: str) -> int | None:
@@ -210,7 +229,7 @@ def _full_size_model_config(family_name: str) -> str:
 
 
 def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], steps: int,
-             overrides: Sequence[str], profile_to: Path | None = None) -> RecipeRun:
+             overrides: Sequence[str], profile_to: Path | None = None, memory_timeline: bool = False) -> RecipeRun:
     from hydra.utils import instantiate
 
     from vlm.build.model import build_model
@@ -219,7 +238,8 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
     from vlm.training.module import VisionLanguageFineTuner
 
     started = time.perf_counter()
-    total = steps + (profile_to is not None)  # the profiled step comes after the timed ones
+    # The profiled step and the one the memory timeline follows come after the timed ones.
+    total = steps + (profile_to is not None) + (memory_timeline and work.device == "cuda")
     cfg = compose_train_config(work, checkpoint, total, overrides)
     plan = run_plan(cfg)
     lightning.seed_everything(plan.seed, verbose=False)
@@ -234,7 +254,8 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
     built = build_model(plan.model_recipe(str(checkpoint), work.device), planning)
     weights = device_bytes(work.device)
     module = VisionLanguageFineTuner(built.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
-    timer = StepTimer(work.device, timed=steps, profile_to=profile_to)
+    timeline = follow_memory(built.model, work) if memory_timeline else None
+    timer = StepTimer(work.device, timed=steps, profile_to=profile_to, timeline=timeline)
     trainer = instantiate(
         cfg.trainer, logger=False, callbacks=[timer], enable_checkpointing=False,
         enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0, val_check_interval=None,
@@ -243,7 +264,7 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
     loader = torch.utils.data.DataLoader(RepeatedBatch(batch, total), batch_size=None)
     build_s = time.perf_counter() - started
     trainer.fit(module, train_dataloaders=loader)
-    return RecipeRun(timer.steps, weights, build_s, trainable_count(built.model), timer.memory)
+    return RecipeRun(timer.steps, weights, build_s, trainable_count(built.model), timer.memory, events(timeline))
 
 
 class RepeatedBatch(torch.utils.data.Dataset):
@@ -262,35 +283,44 @@ class RepeatedBatch(torch.utils.data.Dataset):
 class StepTimer(lightning.Callback):
     """The wall time of each of the first ``timed`` training batches (forward, backward, optimizer
     step), device-synchronised, the host time of each phase (Lightning's hooks between them mark
-    its end), and its loss, read after the timing; with ``profile_to``, the batch after them runs
-    under the profiler."""
+    its end), and its loss, read after the timing; after them, the batch under the profiler with
+    ``profile_to``, then the batch inside ``timeline``."""
 
-    def __init__(self, device: str, timed: int, profile_to: Path | None = None) -> None:
-        self.device, self.timed, self.profile_to = device, timed, profile_to
+    def __init__(self, device: str, timed: int, profile_to: Path | None = None,
+                 timeline: MemoryTimeline | None = None) -> None:
+        self.device, self.timed = device, timed
         self.steps = StepLog()
         self.memory = PhaseMemory(device)
         self.clock = PhaseClock(self.memory)
         self._start = 0.0
-        self._profile: StepProfile | None = None
+        self._extra_steps: list[Any] = []  # contexts, each entered for one step after the timed ones
+        if profile_to is not None:
+            self._extra_steps.append(lambda: StepProfile(profile_to, device))
+        if timeline is not None:
+            self._extra_steps.append(lambda: timeline)
+        self._extra: Any = None
+        self._extra_clock: PhaseClock | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        if batch_idx >= self.timed and self.profile_to is not None:
-            self._profile = StepProfile(self.profile_to, self.device).__enter__()
+        if batch_idx >= self.timed:
+            self._extra = self._extra_steps[batch_idx - self.timed]().__enter__()
+            self._extra_clock = self._extra.clock() if isinstance(self._extra, MemoryTimeline) else PhaseClock()
             return
         synchronize(self.device)
         self._start = time.perf_counter()
         self.clock.start()
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:  # noqa: ANN001
-        self.clock.mark("forward")
+        (self._extra_clock or self.clock).mark("forward")
 
     def on_after_backward(self, trainer, pl_module) -> None:  # noqa: ANN001
-        self.clock.mark("backward")
+        (self._extra_clock or self.clock).mark("backward")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        if self._profile is not None:
-            self._profile.__exit__(None, None, None)
-            self._profile = None
+        if self._extra is not None:
+            self._extra_clock.mark("optimizer")
+            self._extra.__exit__(None, None, None)
+            self._extra = self._extra_clock = None
             return
         self.clock.mark("optimizer")
         synchronize(self.device)

@@ -42,7 +42,7 @@ def measure(spec: dict[str, Any]) -> None:
             torch.cuda.reset_peak_memory_stats()
         profile_to = spec.get("profile_to")
         run = run_recipe(spec["recipe"], work, checkpoint, batch, spec["steps"], spec.get("overrides", ()),
-                         None if profile_to is None else Path(profile_to))
+                         None if profile_to is None else Path(profile_to), spec.get("memory_timeline", False))
     except Unavailable as error:
         report(spec, status="unavailable", reason=str(error))
         return
@@ -56,7 +56,8 @@ def measure(spec: dict[str, Any]) -> None:
     fields = summarize(run.steps, spec["warmup"], work.tokens * work.batch_size)
     measurement = Measurement(
         recipe=spec["recipe"], family=work.family, tokens=work.tokens, batch_size=work.batch_size, status="ok",
-        build_s=round(run.build_s, 2), trainable_params=run.trainable_params, **fields,
+        build_s=round(run.build_s, 2), trainable_params=run.trainable_params, memory_timeline=run.memory_timeline,
+        **fields,
         **memory_fields(work.device, run.weights_bytes, run.memory),
     )
     print(RESULT_PREFIX + json.dumps(measurement.as_dict()), flush=True)

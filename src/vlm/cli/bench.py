@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from vlm.bench.memory_timeline import timeline_table
 from vlm.bench.recipes import RECIPES
 from vlm.bench.work import BenchWork, family_work
 from vlm.bench.worker import RESULT_PREFIX
@@ -58,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="profile one more step of each recipe after the timed ones; its op tables (by GPU and by "
                              "host time) go to --out/profile/<recipe>-<tokens>/")
+    parser.add_argument("--memory-timeline", action="store_true",
+                        help="on CUDA, follow the allocated memory through one more step of each recipe, part by part "
+                             "(vision tower, projector, language model, head, backward): where its peak lies")
     parser.add_argument("overrides", nargs="*", help="train-config overrides for this framework's recipe")
     options, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(options)
@@ -84,11 +88,11 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def run_worker(recipe: str, work: BenchWork, steps: int, warmup: int, overrides: list[str], timeout: int,
-               log_path: Path, profile_to: Path | None = None) -> dict[str, Any]:
+               log_path: Path, profile_to: Path | None = None, memory_timeline: bool = False) -> dict[str, Any]:
     """One recipe in its own process; its measurement (a failed process is a ``failed`` row)."""
     spec = {"recipe": recipe, "work": asdict(work), "steps": steps, "warmup": warmup,
             "overrides": overrides if recipe == "ours" else [],
-            "profile_to": None if profile_to is None else str(profile_to)}
+            "profile_to": None if profile_to is None else str(profile_to), "memory_timeline": memory_timeline}
     command = [sys.executable, "-m", "vlm.bench.worker", json.dumps(spec)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1", "WANDB_MODE": "disabled"}
     try:
@@ -250,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             work = BenchWork(**{**asdict(base), "tokens": tokens})
             print(f"{recipe} at {tokens} tokens × {batch_size} …", flush=True)
             profile_to = args.out / "profile" / f"{recipe}-{tokens}" if args.profile else None
-            result = run_worker(recipe, work, args.steps, args.warmup, args.overrides, args.timeout, log_path, profile_to)
+            result = run_worker(recipe, work, args.steps, args.warmup, args.overrides, args.timeout, log_path, profile_to,
+                                args.memory_timeline)
             results.append(result)
             # Written after every recipe: a benchmark cut short keeps what it measured.
             (args.out / "bench.json").write_text(json.dumps({**context, "partial": True, "results": results}, indent=2))
@@ -262,6 +267,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if result.get("peak_by_phase_GB"):
                 print("  peak GB: " + ", ".join(f"{phase} {gb:.2f}" for phase, gb in result["peak_by_phase_GB"].items()),
                       flush=True)
+            if result.get("memory_timeline"):
+                print(f"  memory through one more step:\n{timeline_table(result['memory_timeline'])}", flush=True)
+            elif args.memory_timeline and result["status"] == "ok":
+                print("  memory timeline: needs CUDA", flush=True)
     longest = []
     if args.longest:
         for recipe in args.recipes:
@@ -273,7 +282,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "loss_agreement": agreement}
     (args.out / "bench.json").write_text(json.dumps(report, indent=2))
     markdown = table(results)
-    (args.out / "bench.md").write_text(markdown + "\n")
+    timelines = [f"\n### Memory through one step: {r['recipe']} at {r['tokens']} tokens\n\n{timeline_table(r['memory_timeline'])}"
+                 for r in results if r.get("memory_timeline")]
+    (args.out / "bench.md").write_text(markdown + "\n" + "".join(f"{t}\n" for t in timelines))
     plot(results, args.out / "bench.png")
     print(f"\n{report['device']} · {args.family} · batch {batch_size} · median of steps {args.warmup + 1}–{args.steps}")
     print(markdown)
