@@ -37,12 +37,15 @@ class ToyVisionLanguageModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         inner = nn.Module()
-        inner.vision_model, inner.multi_modal_projector, inner.language_model = Tower(), nn.Linear(4, 4), nn.Linear(4, 4)
+        inner.vision_model, inner.multi_modal_projector, inner.language_model = Tower(), nn.Linear(4, 4), nn.Module()
+        inner.language_model.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
         self.model, self.lm_head = inner, nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.model.multi_modal_projector(self.model.vision_model(x))
-        return self.lm_head(self.model.language_model(features))
+        hidden = self.model.multi_modal_projector(self.model.vision_model(x))
+        for layer in self.model.language_model.layers:
+            hidden = layer(hidden)
+        return self.lm_head(hidden)
 
 
 def mllama_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -55,7 +58,7 @@ def test_the_parts_are_found_by_the_familys_names_under_a_wrapper():
     wrapped.base_model = ToyVisionLanguageModel()
     names = [name for name, _ in mllama_parts(wrapped)]
     assert names == ["model.vision_model", "model.vision_model.embed", "model.vision_model.encoder",
-                     "model.multi_modal_projector", "model.language_model", "lm_head"]
+                     "model.multi_modal_projector", "model.language_model", "model.language_model.layers.0", "lm_head"]
 
 
 def test_each_part_and_phase_is_an_event_in_order_with_the_peak_since_the_one_before():
@@ -74,7 +77,7 @@ def test_each_part_and_phase_is_an_event_in_order_with_the_peak_since_the_one_be
         "enter model.vision_model", "enter model.vision_model.embed", "leave model.vision_model.embed",
         "enter model.vision_model.encoder", "leave model.vision_model.encoder", "leave model.vision_model",
         "enter model.multi_modal_projector", "leave model.multi_modal_projector",
-        "enter model.language_model", "leave model.language_model", "enter lm_head", "leave lm_head",
+        "enter model.language_model.layers.0", "leave model.language_model.layers.0", "enter lm_head", "leave lm_head",
         "forward done", "backward done", "step end",
     ]
     assert [e.allocated_GB for e in timeline.events] == [float(n) for n in range(1, len(names) + 1)]

@@ -1,5 +1,6 @@
 """Where a step's memory goes: the allocated memory at each entry to and exit from a part of the model (the
-vision tower and each of its children, the projector, the language model, the head) and at the ends of the
+vision tower and each of its children, the projector, the language model and its first layer, the head) and at
+the ends of the
 step's phases, with the peak since the event before, over one step after the timed ones
 (``vlm-bench --memory-timeline``).
 
@@ -45,7 +46,9 @@ class CudaMemoryReader:
 
 def model_parts(model: nn.Module, vision_tower: str, projector: str, language_model: str) -> list[tuple[str, nn.Module]]:
     """The parts a timeline follows, by the family's names for them, wherever a wrapper (PEFT, a peer's own)
-    puts them: the vision tower and each of its children, the projector, the language model and ``lm_head``."""
+    puts them: the vision tower and each of its children, the projector, the language model, its first decoder
+    layer (one layer's transient memory; under checkpointing its recompute in the backward shows too) and
+    ``lm_head``."""
     named = dict(model.named_modules())
 
     def find(path: str) -> tuple[str, nn.Module] | None:
@@ -57,7 +60,7 @@ def model_parts(model: nn.Module, vision_tower: str, projector: str, language_mo
     if tower is not None:
         parts.append((vision_tower, tower[1]))
         parts += [(f"{vision_tower}.{name}", child) for name, child in tower[1].named_children()]
-    for path in (projector, language_model, "lm_head"):
+    for path in (projector, language_model, f"{language_model}.layers.0", "lm_head"):
         found = find(path)
         if found is not None and all(found[1] is not module for _, module in parts):
             parts.append((path, found[1]))
