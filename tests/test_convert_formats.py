@@ -17,7 +17,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-from composing import train_on_shards
+from composing import train_on_shards_in_process
 from PIL import Image
 
 from vlm.cli.shards import main
@@ -258,7 +258,7 @@ def test_a_training_run_on_the_shards_of_every_format_trains_on_every_sample_of_
     urls = [str(path) for name in FORMATS for path in converted[name].report.shards]
     n_samples = sum(len(converted[name].answers) for name in FORMATS)
     assert n_samples == 8  # two steps of four: one whole pass over every shard, no sample twice
-    metrics = train_on_shards(tmp_path, urls, "data.max_seq_length=512", "trainer.enable_progress_bar=false")
+    metrics = train_on_shards_in_process(tmp_path, urls, "data.max_seq_length=512", "trainer.enable_progress_bar=false")
     assert metrics["status"] == "completed" and metrics["steps"] == 2
     assert metrics["total_samples"] == n_samples
     assert not any(metrics["skipped_samples"].values())  # so every sample of every shard was trained on

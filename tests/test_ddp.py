@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning
@@ -79,21 +80,24 @@ class RankProbe(lightning.Callback):
         trainer.strategy.barrier()  # rank 0 ends its run only once every rank has written
 
 
-def train(tmp_path: Path, name: str, *overrides: str) -> tuple[Path, subprocess.CompletedProcess]:
-    """``python -m vlm.cli.train`` on the small demo set into ``tmp_path/name``."""
+def train(tmp_path: Path, name: str, *overrides: str, sweep: bool = False) -> tuple[Path, subprocess.CompletedProcess]:
+    """``python -m vlm.cli.train`` on the small demo set into ``tmp_path/name`` (with ``sweep``, a multirun whose
+    jobs are its subdirectories), with a cache of its own (its demo data, the same as every run's, in
+    ``tmp_path/cache/name``) so that runs can go side by side."""
     run = tmp_path / name
-    demo = tmp_path / "cache" / "data" / "demo"
+    cache = tmp_path / "cache" / name
+    demo = cache / "data" / "demo"
     urls = ",".join(str(demo / f"train-{i:06d}.tar") for i in SHARD_ORDER)
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "TRITON_INTERPRET")}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
     command = [
         sys.executable, "-m", "vlm.cli.train",
-        f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path / 'cache'}",
+        *(["-m", f"hydra.sweep.dir={run}"] if sweep else [f"hydra.run.dir={run}"]), f"paths.cache_dir={cache}",
         f"demo_data.n_train={SHARDS * PER_SHARD}", "demo_data.n_val=16",
         f"data.urls=[{urls}]", "data.num_workers=0", "data.shuffle_buffer=0",
         f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}", "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false", "logger=csv", "callbacks=default",
-        "+callbacks.probe._target_=test_ddp.RankProbe", f"+callbacks.probe.out_dir={run / 'probe'}",
+        "+callbacks.probe._target_=test_ddp.RankProbe", "+callbacks.probe.out_dir=${paths.output_dir}/probe",
         *overrides,
     ]
     done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
@@ -103,12 +107,20 @@ def train(tmp_path: Path, name: str, *overrides: str) -> tuple[Path, subprocess.
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The DDP run (batch 4 on each of 2 ranks) and the single-process run (batch 8) it is compared with."""
+    """The DDP run (batch 4 on each of 2 ranks) and the single-process run (batch 8) it is compared with.
+
+    The DDP run is job 0 (the default LoRA rank, 16) of a sweep whose job 1 trains rank 8 the same way: the sweep
+    test reads both jobs, the others job 0 alone. The sweep and the single run go side by side: a DDP job starts
+    its second rank only when its first is ready, and the single run uses the idle core.
+    """
     tmp_path = tmp_path_factory.mktemp("ddp")
-    ddp = train(tmp_path, "ddp", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-                "trainer.precision=32-true", "data.batch_size=4")
-    single = train(tmp_path, "single", "trainer=cpu", "data.batch_size=8")
-    return {"ddp": ddp, "single": single, "shards": sorted((tmp_path / "cache" / "data" / "demo").glob("train-*.tar"))}
+    with ThreadPoolExecutor(2) as pool:
+        ddp = pool.submit(train, tmp_path, "ddp", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                          "trainer.precision=32-true", "data.batch_size=4", "lora.r=16,8", sweep=True)
+        single = pool.submit(train, tmp_path, "single", "trainer=cpu", "data.batch_size=8")
+        (sweep, done), single = ddp.result(), single.result()
+    shards = sorted((tmp_path / "cache" / "ddp" / "data" / "demo").glob("train-*.tar"))
+    return {"ddp": (sweep / "0", done), "sweep": (sweep, done), "single": single, "shards": shards}
 
 
 def metrics(run: Path) -> dict:
@@ -232,8 +244,11 @@ def test_two_ranks_of_batch_4_train_as_one_process_of_batch_8(runs):
 @pytest.mark.slow
 def test_only_rank_zero_writes_the_run_directory_and_prints(runs):
     run, done = runs["ddp"]
-    assert done.stderr.count("vlm-train →") == 1 and done.stderr.count("done in") == 1
-    assert done.stderr.count("the 5 layers most hurt") == 1
+    # Once for each job of the sweep (this run is its job 0), not once for each rank.
+    lines = done.stderr.splitlines()
+    assert lines.count(f"vlm-train → {run}") == 1 and done.stderr.count("vlm-train →") == 2
+    assert len([line for line in lines if line.startswith("done in ") and line.endswith(f"→ {run}")]) == 1
+    assert done.stderr.count("done in") == 2 and done.stderr.count("the 5 layers most hurt") == 2
     assert (run / "train_ddp_process_1.log").is_file()  # the second rank's own log
     assert not list(run.glob("error*")) and not (run / "previous").exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", f"step-{STEPS:06d}.ckpt"]
@@ -242,24 +257,14 @@ def test_only_rank_zero_writes_the_run_directory_and_prints(runs):
 
 
 @pytest.mark.slow
-def test_each_job_of_a_sweep_starts_ranks_of_its_own_that_run_that_job_alone(tmp_path):
+def test_each_job_of_a_sweep_starts_ranks_of_its_own_that_run_that_job_alone(runs):
     """Lightning starts the second rank by running the command again: in a multirun that would be
     the whole sweep in every rank, so each job's ranks get the job's own overrides and directory."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "TRITON_INTERPRET")}
-    env["OMP_NUM_THREADS"] = "1"
-    command = [
-        sys.executable, "-m", "vlm.cli.train", "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        f"paths.cache_dir={tmp_path / 'cache'}", "demo_data.n_train=16", "demo_data.n_val=8",
-        "data.num_workers=0", "data.batch_size=4", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-        "trainer.precision=32-true", "trainer.max_steps=2", "trainer.val_check_interval=2",
-        "trainer.enable_progress_bar=false", "logger=csv", "callbacks=default", "lora.r=4,8",
-    ]
-    done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    for job, rank in ((0, 4), (1, 8)):
-        summary = metrics(tmp_path / "sweep" / str(job))
+    sweep, _ = runs["sweep"]
+    for job, rank in ((0, 16), (1, 8)):
+        summary = metrics(sweep / str(job))
         assert (summary["status"], summary["world_size"], summary["lora_r"]) == ("completed", 2, rank)
-        assert summary["samples_per_rank"] == [8, 8]
-        assert (tmp_path / "sweep" / str(job) / "train_ddp_process_1.log").is_file()
-    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
-    assert not (tmp_path / "outputs").exists()  # no rank wrote a run of its own
+        assert summary["samples_per_rank"] == [16, 16]
+        assert (sweep / str(job) / "train_ddp_process_1.log").is_file()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    assert not (sweep.parent / "outputs").exists()  # no rank wrote a run of its own

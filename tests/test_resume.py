@@ -9,7 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,8 +32,9 @@ def command(run_dir: Path, *overrides: str) -> list[str]:
 
 
 def environment(tmp_path: Path) -> dict[str, str]:
+    # One thread: the runs go on side by side (see ``runs``).
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    env.update(VLM_CACHE_DIR=str(tmp_path / "cache"), NETRC=str(tmp_path / "no-netrc"))
+    env.update(VLM_CACHE_DIR=str(tmp_path / "cache"), NETRC=str(tmp_path / "no-netrc"), OMP_NUM_THREADS="1")
     return env
 
 
@@ -63,32 +67,73 @@ def checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
+@dataclass
+class Interruption:
+    """A run stopped by a signal, and what ``resume=auto`` then made of it."""
+
+    run_dir: Path
+    returncode: int  # the stopped run's exit code
+    output: str  # the stopped run's screen
+    metrics: dict | None  # the metrics.json the stopped run left (after a SIGTERM; a SIGKILL may cut it off)
+    last_step: int  # the step of the checkpoints/last.ckpt it left
+    resumed: dict  # the metrics.json of the resumed run
+
+
+def interrupt_and_resume(run_dir: Path, signal_number: int, after_step: int, workers: int) -> Interruption:
+    """The run, sent ``signal_number`` once its step-``after_step`` checkpoint is written, then resumed with
+    ``resume=auto``; both with ``data.num_workers=workers``."""
+    run_dir.mkdir(parents=True)
+    env = environment(run_dir.parent)
+    stopped = start(run_dir, env, f"data.num_workers={workers}")
+    wait_for(run_dir / "checkpoints" / f"step-{after_step:06d}.ckpt", stopped)
+    os.killpg(stopped.pid, signal_number)  # the whole job, DataLoader workers included
+    output = stopped.communicate(timeout=120)[0]
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if signal_number == signal.SIGTERM else None
+    last_step = checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
+    resumed = finish(run_dir, env, f"data.num_workers={workers}", "resume=auto")
+    return Interruption(run_dir, stopped.returncode, output, metrics, last_step, resumed)
+
+
+# name → (the signal, the step checkpoint after which it arrives, the DataLoader workers).
+INTERRUPTIONS = {
+    "sigterm": (signal.SIGTERM, 8, 1),
+    "killed, workers=0": (signal.SIGKILL, 16, 0),
+    "killed, workers=1": (signal.SIGKILL, 16, 1),
+}
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def runs(tmp_path_factory):
+    """``runs.reference()`` → (run directory, metrics, environment) of the 48 steps run in one go;
+    ``runs.interrupted(name)`` → the ``Interruption`` of each of ``INTERRUPTIONS``.
+
+    All start with the first test that asks, in the background, two at a time side by side on one thread each,
+    so that on two cores they take about half the time they take one after another; each is waited for where a
+    test reads it.
+    """
     root = tmp_path_factory.mktemp("uninterrupted")
     env = environment(root)
-    metrics = finish(root / "run", env)
-    return root / "run", metrics, env
+    with ThreadPoolExecutor(2) as pool:
+        reference = pool.submit(finish, root / "run", env)
+        interrupted = {
+            name: pool.submit(interrupt_and_resume, tmp_path_factory.mktemp("interrupted") / "run", *how)
+            for name, how in INTERRUPTIONS.items()
+        }
+        yield SimpleNamespace(reference=lambda: (root / "run", reference.result(), env),
+                              interrupted=lambda name: interrupted[name].result())
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
-def test_a_run_killed_mid_pass_resumes_at_its_step_and_ends_with_the_same_adapter(uninterrupted, tmp_path, workers):
-    reference_dir, reference, _ = uninterrupted
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    env = environment(tmp_path)
-    killed = start(run_dir, env, f"data.num_workers={workers}")
-    wait_for(run_dir / "checkpoints" / "step-000016.ckpt", killed)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait(timeout=30)
-    resumed_at = checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
+def test_a_run_killed_mid_pass_resumes_at_its_step_and_ends_with_the_same_adapter(runs, workers):
+    killed = runs.interrupted(f"killed, workers={workers}")
+    run_dir, resumed_at, metrics = killed.run_dir, killed.last_step, killed.resumed
     assert 8 <= resumed_at < 48  # last.ckpt is written just after the step checkpoint
 
-    metrics = finish(run_dir, env, f"data.num_workers={workers}", "resume=auto")
     assert metrics["status"] == "completed" and metrics["steps"] == 48
     assert metrics["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
     assert metrics["total_samples"] == (48 - resumed_at) * 4  # the resumed run took exactly the missing steps
+    reference_dir, reference, _ = runs.reference()
     ours, theirs = adapter(run_dir), adapter(reference_dir)
     assert ours.keys() == theirs.keys()
     for name, weight in ours.items():
@@ -97,36 +142,37 @@ def test_a_run_killed_mid_pass_resumes_at_its_step_and_ends_with_the_same_adapte
 
 
 @pytest.mark.slow
-def test_sigterm_writes_a_checkpoint_and_the_run_resumes_from_it(uninterrupted, tmp_path):
-    reference_dir, _, _ = uninterrupted
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    env = environment(tmp_path)
-    stopped = start(run_dir, env, "data.num_workers=1")
-    wait_for(run_dir / "checkpoints" / "step-000008.ckpt", stopped)
-    os.killpg(stopped.pid, signal.SIGTERM)  # the whole job, DataLoader workers included
-    output = stopped.communicate(timeout=120)[0]
-    assert stopped.returncode == 128 + signal.SIGTERM, output[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes_from_it(runs):
+    stopped = runs.interrupted("sigterm")
+    run_dir, metrics, saved = stopped.run_dir, stopped.metrics, stopped.last_step
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.output[-3000:]
     assert metrics["status"] == "interrupted"
-    saved = checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
     assert saved == metrics["steps"] >= 8 and saved < 48
 
-    resumed = finish(run_dir, env, "data.num_workers=1", "resume=auto")
+    resumed = stopped.resumed
     assert resumed["steps"] == 48 and resumed["total_samples"] == (48 - saved) * 4
     assert (run_dir / "previous" / "0" / "metrics.json").is_file()  # the interrupted job's, set aside
+    reference_dir, _, _ = runs.reference()
     for name, weight in adapter(run_dir).items():
         torch.testing.assert_close(weight, adapter(reference_dir)[name], rtol=0, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_another_build_is_refused_saying_what_differs(uninterrupted, tmp_path):
-    reference_dir, _, env = uninterrupted
+def test_a_checkpoint_of_another_build_is_refused_saying_what_differs(runs, tmp_path, capsys):
+    from composing import compose_small
+
+    from vlm.cli.train import run_job
+
+    reference_dir, _, env = runs.reference()
     checkpoint = reference_dir / "checkpoints" / "last.ckpt"
-    done = subprocess.run(command(tmp_path / "other", "lora.r=8", f"ckpt_path={checkpoint}"), env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "another build" in done.stderr and "lora_r: 16 in the checkpoint, 8 now" in done.stderr
+    # The job `vlm-train` runs, in process (the command's exit with code 2 itself is tested in test_config_checks).
+    cfg = compose_small("train", tmp_path, *RUN, f"paths.cache_dir={env['VLM_CACHE_DIR']}", "lora.r=8",
+                        f"ckpt_path={checkpoint}", run="other")
+    with pytest.raises(SystemExit) as exited:
+        run_job(cfg)
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "another build" in error and "lora_r: 16 in the checkpoint, 8 now" in error
 
 
 def test_resume_auto_picks_the_newest_unfinished_run_beside_it_with_the_same_recipe_only(tmp_path):
