@@ -109,3 +109,18 @@ def test_our_step_after_the_timed_ones_runs_inside_the_timeline(make_qlora_model
     assert len(timer.steps.times) == 2  # the timed steps; the third ran inside the timeline
     assert [event.event for event in timeline.events] == [
         "step start", "enter lm_head", "leave lm_head", "forward done", "backward done", "optimizer done", "step end"]
+
+
+def test_a_peers_step_after_the_timed_ones_runs_inside_the_timeline_its_phases_marked_as_theirs():
+    from vlm.bench.measure import timed_steps
+
+    def step(clock):  # noqa: ANN001, ANN202  (a peer's loop marks forward and backward; the rest is the optimizer's)
+        clock.mark("forward")
+        clock.mark("backward")
+        return torch.tensor(1.0)
+
+    timeline = MemoryTimeline([], CountingReader())
+    log, _ = timed_steps(step, 2, "cpu", timeline=timeline)
+    assert len(log.times) == 2
+    assert [event.event for event in timeline.events] == [
+        "step start", "forward done", "backward done", "optimizer done", "step end"]

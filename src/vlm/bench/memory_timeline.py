@@ -1,7 +1,6 @@
 """Where a step's memory goes: the allocated memory at each entry to and exit from a part of the model (the
 vision tower and each of its children, the projector, the language model and its first layer, the head) and at
-the ends of the
-step's phases, with the peak since the event before, over one step after the timed ones
+the end of each phase of the step, with the peak since the event before, over one step after the timed ones
 (``vlm-bench --memory-timeline``).
 
 Reading the peak resets the allocator's peak counter, so the timeline runs in a step of its own: the timed

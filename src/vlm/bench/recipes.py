@@ -293,18 +293,19 @@ class StepTimer(lightning.Callback):
         self.memory = PhaseMemory(device)
         self.clock = PhaseClock(self.memory)
         self._start = 0.0
-        self._extra_steps: list[Any] = []  # contexts, each entered for one step after the timed ones
+        # One step after the timed ones for each: a context to run it in and the clock it marks its phases on.
+        self._extra_steps: list[Any] = []
         if profile_to is not None:
-            self._extra_steps.append(lambda: StepProfile(profile_to, device))
+            self._extra_steps.append(lambda: (StepProfile(profile_to, device), PhaseClock()))
         if timeline is not None:
-            self._extra_steps.append(lambda: timeline)
+            self._extra_steps.append(lambda: (timeline, timeline.clock()))
         self._extra: Any = None
         self._extra_clock: PhaseClock | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         if batch_idx >= self.timed:
-            self._extra = self._extra_steps[batch_idx - self.timed]().__enter__()
-            self._extra_clock = self._extra.clock() if isinstance(self._extra, MemoryTimeline) else PhaseClock()
+            context, self._extra_clock = self._extra_steps[batch_idx - self.timed]()
+            self._extra = context.__enter__()
             return
         synchronize(self.device)
         self._start = time.perf_counter()
