@@ -46,6 +46,8 @@ def test_each_recipe_is_measured_in_its_own_process_on_the_same_work(smoke_run):
         assert phases["forward"] > 0 and phases["backward"] > 0
     # The same layers adapted at the same rank, so the same parameters trained.
     assert rows["ours"]["trainable_params"] == rows["standard"]["trainable_params"] > 0
+    # Ours says what its build did, the defaults left to the device as the CPU decided them.
+    assert "compile: auto → none (not CUDA)" in rows["ours"]["build"] and rows["standard"]["build"] == ""
     # The same model and batch: both recipes start from the same loss (LoRA's B starts at zero), up to
     # how each quantizes (the standard recipe double-quantizes the scales).
     assert rows["ours"]["first_losses"][0] == pytest.approx(rows["standard"]["first_losses"][0], rel=2e-2)

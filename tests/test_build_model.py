@@ -1,5 +1,6 @@
 """The model's build steps: the frozen vision tower and projector run forward only, which changes
-no loss and no LoRA gradient, and keeps the backward pass out of them."""
+no loss and no LoRA gradient, and keeps the backward pass out of them; what a recipe leaves to the
+device (``auto``) is decided for the device it is built on, and the reports say so."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from test_models import one_image_conversation
 
 from vlm.build.model import BuildSteps, ModelRecipe, build_model
 from vlm.build.planning import plan_checkpoint
+from vlm.models.compiling import trainable_decoder_layers
 from vlm.models.families import get_family
 from vlm.models.loading import load_processor
 from vlm.models.lora import LoraSettings
+from vlm.patching import KernelSettings
 from vlm.quant.calibrate import CalibrationSettings
 from vlm.quant.config import QuantConfig
 
@@ -106,3 +109,21 @@ def test_the_checkpointing_step_sets_what_the_recipe_asks(mode, tiny_checkpoint)
     if mode == "offload":
         assert "pinned host memory" in reports["checkpointing"]
         assert all(layer._gradient_checkpointing_func == result.offloader.checkpoint for layer in layers)
+
+
+def test_on_the_cpu_auto_compiles_nothing_and_patches_no_auto_kernel_and_the_reports_say_so(tiny_checkpoint):
+    """The default recipe (kernels=auto, model.compile=auto) on the CPU; a kernel patched inside the layers
+    (lora) would refuse compile=layers, never auto."""
+    family = get_family("qwen2_vl")
+    path = tiny_checkpoint("qwen2_vl")
+    planning = plan_checkpoint(path, family, QUANT, CalibrationSettings(measure=False))
+    kernels = KernelSettings(cross_entropy="auto", lora=True)
+    result = build_model(ModelRecipe(path, family, QUANT, LoraSettings(r=4, alpha=8), kernels, compile="auto"), planning)
+    reports = {report.step: report.summary for report in result.reports}
+    assert reports["compile"] == "auto → none (not CUDA)" and result.compile == "none"
+    assert reports["kernels"].endswith("; cross_entropy: auto → off (not CUDA)")
+    assert result.kernels == KernelSettings(cross_entropy=False, lora=True)
+    assert "cross_entropy" not in result.patches.patched and result.patches.patched["lora"] > 0
+    assert not any("forward" in vars(layer) for layer in trainable_decoder_layers(result.model))  # none compiled
+    with pytest.raises(ValueError, match="model.compile=layers does not take the kernels patched inside the layers: lora"):
+        build_model(ModelRecipe(path, family, QUANT, LoraSettings(r=4, alpha=8), kernels, compile="layers"), planning)

@@ -1,5 +1,6 @@
 """``model.compile=layers``: the trainable decoder layers run compiled in training steps and compute what the
-eager layers compute; frozen layers, evaluation and generation stay eager."""
+eager layers compute; frozen layers, evaluation and generation stay eager. ``model.compile=auto``: layers on CUDA,
+none elsewhere and where layers would be refused."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from test_models import loss_and_grads, one_image_conversation, qlora_with_live_
 
 from vlm.build.model import run_frozen_parts_forward_only
 from vlm.models.checkpointing import enable_checkpointing
-from vlm.models.compiling import check_compile, compile_layers, frozen_repeated_blocks, trainable_decoder_layers
+from vlm.models.compiling import (
+    CompileChoice,
+    check_compile,
+    compile_layers,
+    frozen_repeated_blocks,
+    resolve_compile,
+    trainable_decoder_layers,
+)
 from vlm.models.families import get_family
 from vlm.models.loading import load_model, load_processor
 from vlm.quant.config import QuantConfig
@@ -61,9 +69,13 @@ def test_compiled_layers_train_as_the_eager_layers_do_and_evaluation_runs_the_ea
     offloader = enable_checkpointing(model, checkpointing)
     if offloader is not None:
         offloader.min_bytes = 0  # the tiny model's inputs are a few KB
-    compiled = compile_layers(model, offloader)
+    compiled = compile_layers(model, offloader, get_family("mllama"))
     assert compiled.trainable == len(trainable_decoder_layers(model)) > 0
-    assert compiled.frozen > 0 and compiled.traced_4bit > 0  # the vision tower's blocks, every NF4 linear
+    # The tower's two encoders compiled whole, each a program of its blocks; every NF4 linear traced.
+    tower = model.get_base_model().model.vision_model
+    assert (compiled.stacks, compiled.stacked_blocks, compiled.frozen) == (
+        2, len(tower.transformer.layers) + len(tower.global_transformer.layers), 0)
+    assert compiled.traced_4bit > 0
     graphs, before = [], _compiled_graphs()
     for step in range(2):  # the first step compiles, the second runs what was compiled
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
@@ -76,7 +88,7 @@ def test_compiled_layers_train_as_the_eager_layers_do_and_evaluation_runs_the_ea
     # Compiled whole, not run eagerly around a break, and once: the second step compiled nothing.
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs[0] == graphs[1] > 0
-    assert graphs[0] < compiled.trainable + compiled.frozen  # layers of one class share their programs
+    assert graphs[0] < compiled.trainable + compiled.stacks  # layers of one class share their programs
     if offloader is not None:  # the hooks saw each layer's input, once a step, and nothing the programs keep
         assert offloader.counts.offloaded == 2 * compiled.trainable
         assert not offloader.waiting()
@@ -122,10 +134,35 @@ def test_a_model_without_trainable_decoder_layers_is_refused(tiny_checkpoint):
 
 
 def test_compile_values_are_checked():
-    assert check_compile("none") == "none"
-    assert check_compile("layers") == "layers"
-    with pytest.raises(ValueError, match=r"model\.compile='all' must be one of none, layers"):
-        check_compile("all")
+    assert [check_compile(mode) for mode in ("none", "layers", "auto")] == ["none", "layers", "auto"]
+    with pytest.raises(ValueError, match=r"model\.compile='fast' must be one of none, layers, auto"):
+        check_compile("fast")
+    with pytest.raises(ValueError, match=r"model\.compile='fast' must be one of none, layers, auto"):
+        resolve_compile("fast", "cuda")
+
+
+def test_auto_compiles_the_layers_on_cuda_and_nothing_on_any_other_device():
+    for device in ("cuda", "cuda:1"):
+        assert resolve_compile("auto", device) == CompileChoice("auto", "layers", "CUDA")
+    for device in ("cpu", "mps"):
+        assert resolve_compile("auto", device).mode == "none"
+    assert resolve_compile("auto", "cpu").summary() == "auto → none (not CUDA)"
+
+
+def test_auto_compiles_nothing_where_layers_would_be_refused():
+    """Under FSDP, and with our kernels patched inside the layers; the loss kernel, outside them, leaves it on."""
+    assert resolve_compile("auto", "cuda", sharded=True).summary() == "auto → none (FSDP)"
+    inside = resolve_compile("auto", "cuda", ["rms_norm", "cross_entropy", "lora"])
+    assert inside.mode == "none" and inside.summary() == "auto → none (kernels inside the layers: rms_norm, lora)"
+    assert resolve_compile("auto", "cuda", ["cross_entropy"]).mode == "layers"
+
+
+def test_an_explicit_compile_mode_is_what_runs_on_every_device():
+    """``layers`` is refused where it cannot work by the config checks and the build, not changed here."""
+    for device in ("cuda", "cpu"):
+        assert resolve_compile("none", device) == CompileChoice("none", "none")
+        assert resolve_compile("layers", device, ["rms_norm"], sharded=True) == CompileChoice("layers", "layers")
+    assert resolve_compile("layers", "cpu").summary() == "layers"
 
 
 def test_offloaded_checkpointing_needs_the_layers_checkpointed_first(tiny_checkpoint):

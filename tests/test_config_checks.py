@@ -68,6 +68,7 @@ INVALID = [
     ("optimizer.lr=0", r"optimizer\.lr=0 must be a number > 0"),
     ("optimizer.weight_decay=-0.1", r"optimizer\.weight_decay=-0\.1 must be a number >= 0"),
     ("optimizer.paged_8bit=sometimes", r"optimizer\.paged_8bit='sometimes' must be true, false or 'auto'"),
+    ("optimizer.fused_8bit=sometimes", r"optimizer\.fused_8bit='sometimes' must be true, false or 'auto'"),
     ("+optimizer.betas=[0.9]", r"optimizer\.betas=\[0\.9\] must be two floats in \[0, 1\)"),
     ("+optimizer.momentum=0.9", r"optimizer\.momentum is not a setting of vlm\.training\.optim\.adamw"),
     ("scheduler.warmup_steps=1.5", r"scheduler\.warmup_steps=1\.5 must be an int >= 0"),
@@ -87,12 +88,12 @@ INVALID = [
     ("model.checkpoint=./no/such/dir", r"model\.checkpoint='\./no/such/dir' is a local path"),
     ("model.checkpoint='not a hub id'", r"model\.checkpoint='not a hub id' is neither an existing local directory nor a Hub id"),
     ("model.checkpointing=maybe", r"model\.checkpointing='maybe' must be one of none, standard, offload"),
-    ("model.compile=maybe", r"model\.compile='maybe' must be one of none, layers"),
+    ("model.compile=fast", r"model\.compile='fast' must be one of none, layers, auto"),
     ("+model.gradient_checkpointing=true", r"model\.gradient_checkpointing is not a setting of vlm\.models\.spec\.ModelSpec; did you mean model\.checkpointing\?"),
     ("+model.famly=qwen2_vl", r"model\.famly is not a setting of vlm\.models\.spec\.ModelSpec; did you mean model\.family\?"),
     ("quant.double_quant=maybe", r"quant\.double_quant='maybe' must be true or false"),
     ("quant.skip_modules=lm_head", r"quant\.skip_modules='lm_head' must be a list .*quant\.skip_modules=\[lm_head\]"),
-    ("kernels.rms_norm=maybe", r"kernels\.rms_norm='maybe' must be true or false"),
+    ("kernels.rms_norm=maybe", r"kernels\.rms_norm='maybe' must be true, false or auto"),
     ("calibration.batches=abc", r"calibration\.batches='abc' must be an integer"),
     ("lora.alpha=abc", r"lora\.alpha='abc' must be a number"),
     ("lora.use_rslora=maybe", r"lora\.use_rslora='maybe' must be true or false"),
@@ -148,6 +149,28 @@ def test_compiled_layers_take_the_loss_kernel(tmp_path):
     from vlm.cli.checks import check_run_config
 
     check_run_config(compose_small("train", tmp_path, *SMALL, "model.compile=layers", "kernels.cross_entropy=true"))
+
+
+def test_the_defaults_leave_compile_kernels_and_the_fused_optimizer_to_the_device_and_pass_the_checks(tmp_path):
+    from vlm.cli.checks import check_run_config
+
+    cfg = compose_small("train", tmp_path, *SMALL)
+    assert (cfg.model.compile, cfg.kernels.cross_entropy, cfg.optimizer.fused_8bit) == ("auto", "auto", "auto")
+    assert not any(on is True for name, on in cfg.kernels.items() if name != "_target_")
+    check_run_config(cfg)
+    assert ModelSpec(family="llava", tiny_dir=str(tmp_path)).compile == "auto"
+    assert AdamWSettings(lr=1e-3).fused_8bit == "auto"
+
+
+@pytest.mark.parametrize("overrides", [
+    ["kernels=all"],  # compile=auto is never refused: it compiles nothing where layers would be
+    ["model.compile=layers", "kernels.rms_norm=auto"],  # the switch as trainer=cpu decides it: off
+    ["kernels=none", "kernels.cross_entropy=true", "optimizer.fused_8bit=true"],  # what auto picks on CUDA, by hand
+], ids=" ".join)
+def test_auto_values_pass_the_checks_as_the_trainers_device_decides_them(overrides, tmp_path):
+    from vlm.cli.checks import check_run_config
+
+    check_run_config(compose_small("train", tmp_path, *SMALL, *overrides))
 
 
 def test_remote_and_keyword_checkpoints_and_other_trainer_settings_pass_the_checks(tmp_path):

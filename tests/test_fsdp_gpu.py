@@ -123,6 +123,22 @@ def test_the_fsdp_config_shards_and_refuses_what_fsdp_cannot_shard(tmp_path):
         "MllamaSelfAttentionDecoderLayer", "MllamaCrossAttentionDecoderLayer"}
 
 
+def test_under_fsdp_the_optimizer_keeps_the_8bit_states_unfused_unless_told_otherwise(tmp_path):
+    """``optimizer.fused_8bit=auto`` is off under FSDP (FusedAdamW8bit was not tried with FSDP's shards), on for
+    one GPU; an explicit value stays. (``model.compile=auto`` compiles nothing under FSDP: test_compiling.py.)"""
+    from composing import compose_small
+
+    from vlm.cli.wiring import build_optimizer, shards_parameters
+
+    def fused_8bit(*overrides: str):
+        cfg = compose_small("train", tmp_path, *overrides)
+        return build_optimizer(cfg.optimizer, "cuda:0", shards_parameters(cfg.trainer)).keywords["fused_8bit"]
+
+    assert fused_8bit("trainer=fsdp") is False
+    assert fused_8bit("trainer=gpu") == "auto"  # adamw decides by the parameters it is handed: on, on CUDA
+    assert fused_8bit("trainer=fsdp", "optimizer.fused_8bit=true") is True
+
+
 def test_the_fsdp_strategy_resumes_only_what_it_wrote_with_as_many_ranks():
     from vlm.errors import ConfigError
     from vlm.training.fsdp import QLoRAFSDPStrategy
@@ -163,8 +179,9 @@ def train(tmp_path: Path, name: str, *overrides: str, validate_every: int = STEP
         "demo_data.n_train=32", "demo_data.n_val=16", "data.num_workers=0", "data.shuffle_buffer=0",
         f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={validate_every}", "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false", "trainer.precision=bf16-mixed", "logger=csv", "callbacks=default",
-        # The same optimizer whatever the strategy (bitsandbytes' paged one is not what is compared here).
-        "optimizer.paged_8bit=false",
+        # The same optimizer whatever the strategy (bitsandbytes' paged one is not what is compared here), and
+        # eager layers for both (model.compile=auto compiles the one GPU's layers, and nothing under FSDP).
+        "optimizer.paged_8bit=false", "model.compile=none",
         *overrides,
     ]
     done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

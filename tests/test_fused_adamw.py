@@ -86,15 +86,41 @@ def test_only_fp32_parameters_are_taken():
         FusedAdamW8bit([torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))], lr=1e-3)
 
 
-def test_the_setting_is_a_bool_and_without_cuda_adamw_stays_torchs():
-    with pytest.raises(ValueError, match=r"optimizer\.fused_8bit='yes' must be true or false"):
+def test_the_setting_is_true_false_or_auto_and_without_cuda_adamw_stays_torchs():
+    with pytest.raises(ValueError, match=r"optimizer\.fused_8bit='yes' must be true, false or 'auto'"):
         AdamWSettings(lr=1e-3, fused_8bit="yes")
+    assert AdamWSettings(lr=1e-3).fused_8bit == "auto"
+    assert AdamWSettings(lr=1e-3, fused_8bit="False").fused_8bit is False
     params = [torch.nn.Parameter(torch.randn(4, 4))]
-    assert type(adamw(params, lr=1e-3, fused_8bit=True)) is torch.optim.AdamW
+    for fused in (True, "auto"):
+        assert type(adamw(params, lr=1e-3, fused_8bit=fused)) is torch.optim.AdamW
+
+
+def test_auto_fuses_the_8bit_states_exactly_where_they_are_used_and_fsdp_does_not_shard_them():
+    auto = AdamWSettings(lr=1e-3)
+    on_cuda = auto.resolved("cuda")
+    assert (on_cuda.paged_8bit, on_cuda.fused_8bit) == (True, True)
+    assert auto.resolved("cuda:1").fused_8bit is True
+    assert (auto.resolved("cpu").paged_8bit, auto.resolved("cpu").fused_8bit) == (False, False)
+    assert auto.resolved("cuda", sharded=True).fused_8bit is False  # FusedAdamW8bit is not tried under FSDP
+    assert auto.resolved("cuda", fp32=False).fused_8bit is False  # it updates fp32 parameters only
+    assert AdamWSettings(lr=1e-3, paged_8bit=False).resolved("cuda").fused_8bit is False  # no 8-bit states
+
+
+def test_an_explicit_fused_8bit_is_what_is_asked_on_every_device():
+    for device in ("cuda", "cpu"):
+        assert AdamWSettings(lr=1e-3, fused_8bit=True).resolved(device, sharded=True).fused_8bit is True
+        assert AdamWSettings(lr=1e-3, fused_8bit=False).resolved(device).fused_8bit is False
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_cuda_fused_8bit_picks_the_fused_optimizer():
+def test_on_cuda_fused_8bit_picks_the_fused_optimizer_and_auto_does_too():
+    import bitsandbytes as bnb
+
     params = [torch.nn.Parameter(torch.randn(64, 64, device="cuda"))]
     assert type(adamw(params, lr=1e-3, fused_8bit=True)) is FusedAdamW8bit
+    assert type(adamw(params, lr=1e-3)) is FusedAdamW8bit
+    assert type(adamw(params, lr=1e-3, fused_8bit=False)) is bnb.optim.PagedAdamW8bit
+    bf16 = [torch.nn.Parameter(torch.randn(64, 64, device="cuda", dtype=torch.bfloat16))]
+    assert type(adamw(bf16, lr=1e-3)) is bnb.optim.PagedAdamW8bit

@@ -114,6 +114,44 @@ def test_each_kernel_switches_on_alone(tiny_checkpoint, apply_kernels):
     assert apply_kernels(model, KernelSettings()).patched == {}
 
 
+def test_an_auto_switch_is_on_for_cuda_and_off_elsewhere_and_the_others_stay_as_given():
+    settings = KernelSettings(rms_norm=True, cross_entropy="auto")
+    assert settings.resolved("cuda") == KernelSettings(rms_norm=True, cross_entropy=True)
+    assert settings.resolved("cuda:1").enabled() == ["rms_norm", "cross_entropy"]
+    assert settings.resolved("cpu") == KernelSettings(rms_norm=True, cross_entropy=False)
+    assert settings.auto_summary("cpu") == "cross_entropy: auto → off (not CUDA)"
+    assert settings.auto_summary("cuda") == "cross_entropy: auto → on (CUDA)"
+    assert KernelSettings(lora=True).auto_summary("cuda") == ""
+
+
+def test_what_reads_the_switches_takes_them_resolved_for_a_device():
+    """``auto`` would read as on: ``enabled()`` and ``apply_kernels`` refuse it unresolved."""
+    settings = KernelSettings(cross_entropy="auto")
+    assert not settings.is_resolved and settings.resolved("cpu").is_resolved
+    with pytest.raises(ValueError, match=r"auto switches: take KernelSettings\.resolved\(device\) first"):
+        settings.enabled()
+    with pytest.raises(ValueError, match="auto switches"):
+        patch_kernels(torch.nn.Linear(2, 2), settings)
+    assert patch_kernels(torch.nn.Linear(2, 2), settings.resolved("cpu")).patched == {}
+
+
+def test_a_switch_is_true_false_or_auto():
+    for value in ("maybe", "on", 1, None):
+        with pytest.raises(ValueError, match=rf"kernels\.rope={value!r} must be true, false or auto"):
+            KernelSettings(rope=value)
+
+
+def test_the_auto_group_turns_on_only_the_loss_kernel_and_only_on_cuda():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from vlm.configs import config_dir
+
+    settings = instantiate(OmegaConf.load(config_dir() / "kernels" / "auto.yaml"))
+    assert settings.resolved("cuda").enabled() == ["cross_entropy"]
+    assert settings.resolved("cpu").enabled() == []
+
+
 def test_lora_dropout_keeps_peft_forward(tiny_checkpoint, apply_kernels):
     family = get_family("qwen2_5_vl")
     model, _ = load_model(tiny_checkpoint("qwen2_5_vl"), family, QuantConfig(compute_dtype="float32"), device=DEVICE)

@@ -108,6 +108,9 @@ def test_demo_run_writes_metrics_adapter_checkpoint_and_an_offline_wandb_run(tmp
     assert (run / "quant_report.png").read_bytes()[:4] == b"\x89PNG"
     assert metrics["weight_bytes"] == report["memory"]["loaded_bytes"]
     assert metrics["checkpointing"] == "standard"  # how activations were kept: an ablation's axis
+    # The defaults (model.compile=auto, kernels=auto) as the CPU decided them: what ran, not what was asked.
+    assert resolved["model"]["compile"] == "auto" and resolved["kernels"]["cross_entropy"] == "auto"
+    assert metrics["compile"] == "none" and metrics["kernels"] == {}
     assert list(offline_runs[0].glob("files/media/images/quant/report*.png"))
     assert list(offline_runs[0].glob("files/media/table/quant/layers*.table.json"))
 

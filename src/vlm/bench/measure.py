@@ -137,6 +137,7 @@ class Measurement:
     host_phases_ms: dict[str, float] | None = None  # median over the timed steps, where every one marked it
     # The highest peak of each phase over the timed steps: where the run's peak lies (forward, backward, optimizer).
     peak_by_phase_GB: dict[str, float] | None = None
+    build: str = ""  # this framework's recipe: its build report (what compile=auto, kernels=auto decided)
     memory_timeline: tuple[dict, ...] = ()  # with --memory-timeline: MemoryEvent dicts of one step after the timed ones
 
     def as_dict(self) -> dict:

@@ -47,6 +47,7 @@ class RecipeRun:
     trainable_params: int
     memory: PhaseMemory
     memory_timeline: tuple[dict, ...] = ()
+    build: str = ""  # this framework's build report: what each step did, the auto settings as the device decided
 
 
 def trainable_count(model: torch.nn.Module) -> int:
@@ -264,7 +265,8 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
     loader = torch.utils.data.DataLoader(RepeatedBatch(batch, total), batch_size=None)
     build_s = time.perf_counter() - started
     trainer.fit(module, train_dataloaders=loader)
-    return RecipeRun(timer.steps, weights, build_s, trainable_count(built.model), timer.memory, events(timeline))
+    return RecipeRun(timer.steps, weights, build_s, trainable_count(built.model), timer.memory, events(timeline),
+                     built.summary())
 
 
 class RepeatedBatch(torch.utils.data.Dataset):

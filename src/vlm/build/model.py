@@ -3,6 +3,8 @@ checkpointing → compile.
 
 Each step takes the model, returns it, and says in one line what it did. Every step after loading
 can be switched off (:class:`BuildSteps`), for an ablation or to inspect the model between steps.
+What the recipe leaves to the device (``auto`` kernels, ``compile=auto``) is decided first, for the
+recipe's device, and the steps and the reports see the decided values.
 Loading itself checks that the 4-bit layers are exactly the planned ones; *verify* then measures
 the loaded model against the 16-bit reference that planning kept.
 """
@@ -16,7 +18,7 @@ from torch import nn
 
 from vlm.models import loading
 from vlm.models.checkpointing import ActivationOffloader, enable_checkpointing
-from vlm.models.compiling import compile_layers, kernels_inside_layers
+from vlm.models.compiling import compile_layers, kernels_inside_layers, resolve_compile
 from vlm.models.families import ModelFamily
 from vlm.models.lora import LoraSettings, apply_lora
 from vlm.patching import KernelSettings, PatchReport, apply_kernels
@@ -35,11 +37,12 @@ class ModelRecipe:
     family: ModelFamily
     quant: QuantConfig
     lora: LoraSettings
-    kernels: KernelSettings = KernelSettings()
+    kernels: KernelSettings = KernelSettings()  # auto switches are decided for ``device``
     checkpointing: str = "standard"  # none | standard | offload
-    compile: str = "none"  # none | layers
+    compile: str = "none"  # none | layers | auto (decided for ``device`` and ``sharded``)
     device: str = "cpu"
     attn_implementation: str | None = "sdpa"
+    sharded: bool = False  # a strategy shards the weights over the ranks (FSDP): compile=auto compiles nothing
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class BuiltModel:
     loaded_fidelity: Fidelity | None = None  # against the 16-bit reference, where planning kept one
     patches: PatchReport = field(default_factory=PatchReport)
     offloader: ActivationOffloader | None = None  # under checkpointing=offload: what it moved
+    kernels: KernelSettings = KernelSettings()  # the recipe's, resolved for its device
+    compile: str = "none"  # none | layers: what the compile step did (compile=auto decided)
 
     def summary(self) -> str:
         return "; ".join(f"{r.step}: {r.summary}" for r in self.reports)
@@ -77,11 +82,14 @@ class BuiltModel:
 
 def build_model(recipe: ModelRecipe, planning: Planning, steps: BuildSteps = BuildSteps()) -> BuiltModel:
     """The model of ``recipe``, quantized as ``planning`` planned, through the steps switched on."""
-    clashing = kernels_inside_layers(recipe.kernels.enabled()) if recipe.compile == "layers" else []
-    if clashing and steps.kernels and steps.compile:
+    kernels = recipe.kernels.resolved(recipe.device)
+    patched = kernels.enabled() if steps.kernels else []
+    clashing = kernels_inside_layers(patched) if recipe.compile == "layers" else []
+    if clashing and steps.compile:
         raise ValueError(f"model.compile=layers does not take the kernels patched inside the layers: {', '.join(clashing)}")
+    compiling = resolve_compile(recipe.compile, recipe.device, patched, recipe.sharded)
     model, loaded = load(recipe, planning)
-    built = BuiltModel(model, [loaded], stored_bytes=stored_bytes(model))
+    built = BuiltModel(model, [loaded], stored_bytes=stored_bytes(model), kernels=kernels)
     if steps.verify:
         built.loaded_fidelity = check_loaded(planning, model, recipe.device)
         built.reports.append(_verified(built.loaded_fidelity))
@@ -92,16 +100,22 @@ def build_model(recipe: ModelRecipe, planning: Planning, steps: BuildSteps = Bui
     if steps.frozen_parts_forward_only:
         built.reports.append(run_frozen_parts_forward_only(built.model, recipe.family))
     if steps.kernels:
-        built.patches = apply_kernels(built.model, recipe.kernels)
-        built.reports.append(StepReport("kernels", built.patches.summary()))
+        built.patches = apply_kernels(built.model, kernels)
+        decided = recipe.kernels.auto_summary(recipe.device)
+        built.reports.append(StepReport("kernels", built.patches.summary() + (f"; {decided}" if decided else "")))
     if steps.checkpointing and recipe.checkpointing != "none":
         built.offloader = enable_checkpointing(built.model, recipe.checkpointing)
         summary = "activations recomputed in backward"
         if built.offloader is not None:
             summary += ", the layer inputs kept for it in pinned host memory"
         built.reports.append(StepReport("checkpointing", summary))
-    if steps.compile and recipe.compile == "layers":
-        built.reports.append(StepReport("compile", compile_layers(built.model, built.offloader).summary()))
+    if steps.compile and compiling.mode == "layers":
+        compiled = compile_layers(built.model, built.offloader, recipe.family).summary()
+        built.compile = "layers"
+        summary = compiled if recipe.compile == "layers" else f"{compiling.summary()}: {compiled}"
+        built.reports.append(StepReport("compile", summary))
+    elif steps.compile and recipe.compile == "auto":
+        built.reports.append(StepReport("compile", compiling.summary()))
     return built
 
 

@@ -38,9 +38,12 @@ class RunPlan:
     seed: int
     max_seq_length: int
 
-    def model_recipe(self, checkpoint: str, device: str, quant: QuantConfig | None = None) -> ModelRecipe:
+    def model_recipe(
+        self, checkpoint: str, device: str, quant: QuantConfig | None = None, sharded: bool = False
+    ) -> ModelRecipe:
         """What :func:`~vlm.build.model.build_model` builds for this plan from ``checkpoint`` on
-        ``device``; ``quant`` replaces the plan's (as a strategy that shards the weights needs it)."""
+        ``device``; ``quant`` replaces the plan's (as a strategy that shards the weights needs it);
+        ``sharded``: that strategy runs (what ``auto`` settings are decided for, with ``device``)."""
         from .model import ModelRecipe
 
         return ModelRecipe(
@@ -53,6 +56,7 @@ class RunPlan:
             compile=self.spec.compile,
             device=device,
             attn_implementation=self.spec.attn_implementation,
+            sharded=sharded,
         )
 
 
@@ -79,9 +83,9 @@ class RunFacts:
     lora_r: int
     lora_alpha: int
     lora_targets: str | list[str]
-    kernels: dict[str, int]  # kernel → places it was patched into
+    kernels: dict[str, int]  # kernel → places it was patched into (auto switches as the device decided)
     checkpointing: str  # none | standard | offload
-    compile: str  # none | layers
+    compile: str  # none | layers: what ran (model.compile=auto as the device decided)
     max_seq_length: int
     identity: JobIdentity
     resumed_from: str | None = None  # the checkpoint this run continued
@@ -106,7 +110,7 @@ class RunFacts:
             lora_targets=plan.lora.target_modules if isinstance(plan.lora.target_modules, str) else list(plan.lora.target_modules),
             kernels=dict(built.patches.patched),
             checkpointing=plan.spec.checkpointing,
-            compile=plan.spec.compile,
+            compile=built.compile,
             max_seq_length=plan.max_seq_length,
             identity=plan.identity,
             resumed_from=resumed_from,

@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             (args.out / "bench.json").write_text(json.dumps({**context, "partial": True, "results": results}, indent=2))
             print(f"  {result['status']}" + (f": {result['step_s']:.3f} s/step, {result['tokens_per_s']:.0f} tokens/s"
                                             if result["status"] == "ok" else f" ({result.get('reason', '')})"), flush=True)
+            if result.get("build"):
+                print(f"  build: {result['build']}", flush=True)
             if result.get("host_phases_ms"):
                 print("  host ms: " + ", ".join(f"{phase} {ms:.1f}" for phase, ms in result["host_phases_ms"].items()),
                       flush=True)

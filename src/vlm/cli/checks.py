@@ -66,8 +66,9 @@ def check_run_config(cfg: DictConfig) -> None:
     _check_top_level(cfg)  # first: groups interpolate some of these (data.seed: ${seed})
     for key, node in _target_nodes(cfg):
         check_arguments(node, key)
-    _check_compile(cfg)
+    _check_compile_strategy(cfg)
     accelerator = check_trainer(cfg.trainer) if cfg.get("trainer") is not None else "cpu"
+    _check_compile_kernels(cfg, accelerator)
     _check_optimizer(cfg.get("optimizer"), accelerator)
     if cfg.get("scheduler") is not None:
         _dry_build(cfg.scheduler, "scheduler")
@@ -77,20 +78,34 @@ def check_run_config(cfg: DictConfig) -> None:
     _check_callbacks(cfg.get("callbacks"))
 
 
-def _check_compile(cfg: DictConfig) -> None:
-    """``model.compile=layers`` compiles the decoder layers with the ops they hold; the kernels patched into
-    those ops cannot be traced with them (the loss kernel, outside the layers, can)."""
-    from vlm.models.compiling import kernels_inside_layers
+def _compiles_layers(cfg: DictConfig) -> bool:
+    """Whether ``model.compile`` is ``layers`` itself: ``auto`` is never refused (where ``layers`` would be, it is
+    ``none``, :func:`~vlm.models.compiling.resolve_compile`)."""
+    model = cfg.get("model")
+    return model is not None and model.get("compile") == "layers"
 
-    model, kernels = cfg.get("model"), cfg.get("kernels")
-    if model is None or kernels is None or model.get("compile") != "layers":
+
+def _check_compile_strategy(cfg: DictConfig) -> None:
+    if not _compiles_layers(cfg):
         return
     strategy = (cfg.get("trainer") or {}).get("strategy")
     target = strategy.get("_target_", "") if isinstance(strategy, Mapping) else str(strategy or "")
     if "fsdp" in target.lower():
         # FSDP gathers each unit's weights before its forward and frees them after: not tried with compiled layers.
         raise ConfigError("model.compile=layers is not supported with FSDP (trainer=fsdp) yet: use model.compile=none")
-    clashing = kernels_inside_layers(_dry_build(kernels, "kernels").enabled())
+
+
+def _check_compile_kernels(cfg: DictConfig, accelerator: str) -> None:
+    """``model.compile=layers`` compiles the decoder layers with the ops they hold; the kernels patched into
+    those ops (the ``kernels`` switches as ``accelerator`` decides them) cannot be traced with them (the loss
+    kernel, outside the layers, can)."""
+    from vlm.models.compiling import kernels_inside_layers
+
+    kernels = cfg.get("kernels")
+    if kernels is None or not _compiles_layers(cfg):
+        return
+    device = accelerator if accelerator in ("cuda", "mps") else "cpu"  # an Accelerator object: as off CUDA
+    clashing = kernels_inside_layers(_dry_build(kernels, "kernels").resolved(device).enabled())
     if clashing:
         keys = " ".join(f"kernels.{name}=false" for name in clashing)
         raise ConfigError(

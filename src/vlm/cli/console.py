@@ -105,7 +105,11 @@ def run_header(cfg: DictConfig) -> list[str]:
     """The resolved choices of a training run, one line per part (the data follow once read)."""
     model, quant, lora, trainer = cfg.model, cfg.quant, cfg.lora, cfg.trainer
     checkpoint = model.get("checkpoint") or "a tiny random-init checkpoint built locally"
-    kernels = [name for name, on in (cfg.get("kernels") or {}).items() if name != "_target_" and on is True]
+    switches = [(name, on) for name, on in (cfg.get("kernels") or {}).items() if name != "_target_"]
+    kernels = [name for name, on in switches if on is True]
+    automatic = [name for name, on in switches if on == "auto"]
+    if automatic:
+        kernels.append(f"{', '.join(automatic)} on CUDA only (auto)")
     validating = cfg.data.get("val_urls") and trainer.get("val_check_interval")
     return [
         f"model    {group_choice('model') or model.family}: {model.family}, {checkpoint}",

@@ -36,6 +36,7 @@ from .wiring import (
     build_callbacks,
     build_datamodule,
     build_loggers,
+    build_optimizer,
     build_strategy,
     plan_for_run,
     prepare_demo_data,
@@ -247,7 +248,7 @@ def assemble(
     if sharded or not first:
         calibration = dataclasses.replace(calibration, measure=False, fidelity_batches=0)
     planning = plan_for_run(cfg, plan.family, plan.quant, calibration, checkpoint, processor, device)
-    recipe = plan.model_recipe(checkpoint, device, quant)
+    recipe = plan.model_recipe(checkpoint, device, quant, sharded=sharded)
     # LoRA's initial weights come from the seed alone, not from what planning drew before: the
     # ranks, which plan differently, must all start from the same weights.
     seed_everything(plan.seed, workers=True, verbose=False)
@@ -255,12 +256,15 @@ def assemble(
     planning.report.loaded_bytes = built.stored_bytes
     if built.loaded_fidelity is not None:
         planning.report.fidelity["loaded"] = built.loaded_fidelity
-    if plan.kernels.enabled():
-        log.info(built.patches.summary())
+    reports = {report.step: report.summary for report in built.reports}
+    if built.kernels.enabled():
+        log.info(reports["kernels"])
+    if "compile" in reports:  # what model.compile ran, and what the device decided for auto
+        log.info("  compile  %s", reports["compile"])
     facts = RunFacts.of(plan, checkpoint, planning, built, resumed_from)
     module = VisionLanguageFineTuner(
         built.model,
-        optimizer=instantiate(cfg.optimizer),
+        optimizer=build_optimizer(cfg.optimizer, device, sharded),
         scheduler=instantiate(cfg.scheduler),
         build=facts.compatibility(),
     )

@@ -275,6 +275,22 @@ def build_strategy(trainer_cfg: DictConfig, family: ModelFamily, model: Any) -> 
     return instantiate_checked(node, **given)
 
 
+def build_optimizer(node: DictConfig, device: str, sharded: bool) -> Any:
+    """The optimizer factory of ``node`` (a partial, called at fit time with the trainable parameters on
+    ``device``). Under a strategy that shards the weights (``sharded``: FSDP) adamw's ``fused_8bit: auto`` is
+    decided here (off, :meth:`~vlm.training.optim.AdamWSettings.resolved`): the parameters do not say so."""
+    from hydra.utils import get_object, instantiate
+
+    from vlm.training.optim import AdamWSettings, adamw
+
+    if sharded and get_object(str(node._target_)) is adamw:
+        values = {str(k): v for k, v in OmegaConf.to_container(node, resolve=True).items() if not str(k).startswith("_")}
+        settings = AdamWSettings(**values)
+        if settings.fused_8bit == "auto":
+            return instantiate(node, fused_8bit=settings.resolved(device, sharded=True).fused_8bit)
+    return instantiate(node)
+
+
 # --------------------------------------------------------------------------- callbacks and loggers
 def build_callbacks(cfg: DictConfig, facts: RunFacts, processor: Any = None) -> tuple[list[Any], Any | None]:
     """The configured callbacks, and among them the run summary (``callbacks.run_summary``; None

@@ -1,4 +1,4 @@
-"""``torch.compile`` of the decoder layers that train, and of the frozen tower's blocks: ``model.compile=none|layers``.
+"""``torch.compile`` of the decoder layers that train, and of the frozen tower's blocks: ``model.compile=none|layers|auto``.
 
 At a few thousand tokens the step of a QLoRA model waits on the host: each decoder layer's forward, its
 recomputation and its backward are hundreds of small Python calls, each queuing a kernel or two. Compiled,
@@ -20,11 +20,15 @@ the gated activation, the LoRA sums) into a few kernels.
   input alone, not what the compiled program keeps inside the checkpoint.
 - Only training steps run compiled (module in training mode; the trainable layers also with grad enabled);
   evaluation and generation, with their caches, run the eager layers.
+- ``auto`` (the default) is ``layers`` on CUDA, where the host time it saves is what a step waits on, and ``none``
+  elsewhere, and also wherever ``layers`` would be refused: under FSDP, or with our kernels patched inside the layers
+  (:func:`resolve_compile`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,8 +37,9 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .checkpointing import ActivationOffloader
+    from .families import ModelFamily
 
-COMPILE = ("none", "layers")
+COMPILE = ("none", "layers", "auto")
 # Kernels patched into the decoder layers' modules. Compiled, a layer fuses those ops itself, and our
 # kernels' launch code is not traced: only the kernels outside the layers (the loss) combine with it.
 KERNELS_INSIDE_LAYERS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu", "lora")
@@ -46,9 +51,43 @@ def check_compile(mode: object, key: str = "model.compile") -> str:
     return mode
 
 
-def kernels_inside_layers(enabled: list[str]) -> list[str]:
+def kernels_inside_layers(enabled: Sequence[str]) -> list[str]:
     """Those of the ``enabled`` kernels that ``model.compile=layers`` does not take."""
     return [name for name in enabled if name in KERNELS_INSIDE_LAYERS]
+
+
+@dataclass(frozen=True)
+class CompileChoice:
+    """What ``model.compile`` asked for and what runs: ``auto`` decided, and why."""
+
+    asked: str  # none | layers | auto
+    mode: str  # none | layers
+    why: str = ""  # what decided auto
+
+    def summary(self) -> str:
+        """``auto → none (not CUDA)``; an explicit mode as it was given."""
+        return f"auto → {self.mode} ({self.why})" if self.asked == "auto" else self.mode
+
+
+def resolve_compile(asked: str, device: str, enabled_kernels: Sequence[str] = (), sharded: bool = False) -> CompileChoice:
+    """What ``model.compile=asked`` runs for a model built on ``device`` (``cuda``, ``cuda:1``, ``cpu``, ...) with the
+    ``enabled_kernels`` patched in, under a strategy that shards the weights where ``sharded`` (FSDP).
+
+    ``none`` and ``layers`` stay as they are (``layers`` is refused where it cannot work, by the config checks and
+    :func:`~vlm.build.model.build_model`); ``auto`` is ``layers`` on CUDA, and ``none`` on any other device and
+    wherever ``layers`` would be refused.
+    """
+    check_compile(asked)
+    if asked != "auto":
+        return CompileChoice(asked, asked)
+    if torch.device(device).type != "cuda":
+        return CompileChoice(asked, "none", "not CUDA")
+    if sharded:
+        return CompileChoice(asked, "none", "FSDP")
+    clashing = kernels_inside_layers(enabled_kernels)
+    if clashing:
+        return CompileChoice(asked, "none", f"kernels inside the layers: {', '.join(clashing)}")
+    return CompileChoice(asked, "layers", "CUDA")
 
 
 def trainable_decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -71,12 +110,17 @@ class CompiledLayers:
     """What ``compile_layers`` compiled."""
 
     trainable: int  # decoder layers with a trainable weight, compiled for training steps
-    frozen: int  # blocks of the frozen stacks (the vision tower's), compiled for the forward of training steps
+    frozen: int  # blocks of the frozen stacks (the vision tower's) compiled one by one, for the forward of training steps
     traced_4bit: int  # NF4 linears inside them that the compiled programs call without bitsandbytes' Python
+    stacks: int = 0  # frozen stacks compiled whole (one program and one call for all their blocks)
+    stacked_blocks: int = 0  # the blocks inside those
 
     def summary(self) -> str:
-        return (f"{self.trainable} decoder layers compiled for training steps, {self.frozen} frozen blocks for "
-                f"their forward; {self.traced_4bit} NF4 linears traced")
+        frozen = f"{self.frozen} frozen blocks"
+        if self.stacks:
+            frozen = f"{self.stacks} frozen stacks whole ({self.stacked_blocks} blocks) and {self.frozen} frozen blocks"
+        return (f"{self.trainable} decoder layers compiled for training steps, {frozen} for their forward; "
+                f"{self.traced_4bit} NF4 linears traced")
 
 
 def frozen_repeated_blocks(model: nn.Module, compiled: list[nn.Module]) -> list[nn.Module]:
@@ -96,25 +140,45 @@ def frozen_repeated_blocks(model: nn.Module, compiled: list[nn.Module]) -> list[
     return found
 
 
-def compile_layers(model: nn.Module, offloader: ActivationOffloader | None = None) -> CompiledLayers:
+def frozen_stacks_compiled_whole(model: nn.Module, family: ModelFamily | None) -> list[nn.Module]:
+    """The frozen vision tower's stacks that ``family`` says compile whole (:meth:`ModelFamily.frozen_encoders`),
+    those without a trainable weight."""
+    if family is None:
+        return []
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        tower = base.get_submodule(family.vision_tower)
+    except AttributeError:
+        return []
+    return [stack for stack in family.frozen_encoders(tower) if not any(p.requires_grad for p in stack.parameters())]
+
+
+def compile_layers(model: nn.Module, offloader: ActivationOffloader | None = None,
+                   family: ModelFamily | None = None) -> CompiledLayers:
     """Compile each trainable decoder layer of ``model`` for its training steps, and each block of its frozen
     stacks for the forward of those steps; their NF4 linears are traced into the compiled programs. With the
-    ``offloader`` of ``model.checkpointing=offload``, each trainable layer is compiled inside its checkpoint."""
+    ``offloader`` of ``model.checkpointing=offload``, each trainable layer is compiled inside its checkpoint.
+
+    The frozen stacks that ``family`` names are compiled whole instead, block by block otherwise: a stack
+    forward of 32 blocks is then one call, where 32 calls cost the host a millisecond each.
+    """
     from vlm.quant.bnb_layers import trace_4bit_linears_when_compiled
 
     layers = trainable_decoder_layers(model)
     if not layers:
         raise ValueError("model.compile=layers: the model has no decoder layer with a trainable weight")
-    blocks = frozen_repeated_blocks(model, layers)
-    traced = sum(trace_4bit_linears_when_compiled(module) for module in layers + blocks)
+    stacks = frozen_stacks_compiled_whole(model, family)
+    blocks = frozen_repeated_blocks(model, layers + stacks)
+    traced = sum(trace_4bit_linears_when_compiled(module) for module in layers + stacks + blocks)
     for layer in layers:
         if offloader is None:
             _compile_when(layer, lambda layer=layer: layer.training and torch.is_grad_enabled())
         else:
             _compile_inside_offloaded_checkpoint(layer, offloader)
-    for block in blocks:  # forward only, under no_grad: no cache to keep eager for, but eval stays eager
-        _compile_when(block, lambda block=block: block.training)
-    return CompiledLayers(len(layers), len(blocks), traced)
+    for frozen in stacks + blocks:  # forward only, under no_grad: no cache to keep eager for, but eval stays eager
+        _compile_when(frozen, lambda frozen=frozen: frozen.training)
+    stacked = sum(len(child) for stack in stacks for child in stack.children() if isinstance(child, nn.ModuleList))
+    return CompiledLayers(len(layers), len(blocks), traced, len(stacks), stacked)
 
 
 def _compile_when(module: nn.Module, compiled_now) -> None:  # noqa: ANN001

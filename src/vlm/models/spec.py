@@ -76,7 +76,7 @@ class ModelSpec:
     tiny_dir: str | None = None
     attn_implementation: str = "sdpa"
     checkpointing: str = "standard"  # none | standard | offload (vlm.models.checkpointing)
-    compile: str = "none"  # none | layers (vlm.models.compiling)
+    compile: str = "auto"  # none | layers | auto: layers on CUDA where it can (vlm.models.compiling)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -11,7 +11,9 @@ from .settings import KernelSettings
 
 def apply_kernels(model: nn.Module, settings: KernelSettings) -> PatchReport:
     """Patch the enabled kernels into ``model`` (after LoRA, before gradient checkpointing);
-    the report's ``undo()`` takes them all back."""
+    the report's ``undo()`` takes them all back. ``settings`` are resolved for the model's device
+    (:meth:`KernelSettings.resolved`): an ``auto`` left in them is refused."""
+    settings.enabled()  # refuses auto switches, which would read as on
     report = PatchReport()
     if settings.rms_norm:
         modules.patch_rms_norms(model, report)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
+
+import torch
 
 KERNELS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu", "cross_entropy", "lora")
 
@@ -11,16 +14,46 @@ KERNELS = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu", "cross_entropy",
 class KernelSettings:
     """One switch per kernel, so that an ablation can sweep them (``kernels.rms_norm=false``).
 
-    ``geglu`` applies to GeGLU MLPs (Gemma 3's); ``swiglu`` to SwiGLU ones (Llama, Qwen, SmolVLM).
+    ``geglu`` applies to GeGLU MLPs (Gemma 3's); ``swiglu`` to SwiGLU ones (Llama, Qwen, SmolVLM). A switch is
+    ``true``, ``false`` or ``auto``: on where the model is built on CUDA, off elsewhere (``kernels=auto``, the
+    default, turns on the loss kernel so). What reads the switches takes them :meth:`resolved` for the device.
     """
 
-    rms_norm: bool = False
-    layer_norm: bool = False
-    rope: bool = False
-    swiglu: bool = False
-    geglu: bool = False
-    cross_entropy: bool = False
-    lora: bool = False
+    rms_norm: bool | str = False
+    layer_norm: bool | str = False
+    rope: bool | str = False
+    swiglu: bool | str = False
+    geglu: bool | str = False
+    cross_entropy: bool | str = False
+    lora: bool | str = False
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, bool) and value != "auto":
+                raise ValueError(f"kernels.{name}={value!r} must be true, false or auto")
+
+    @property
+    def is_resolved(self) -> bool:
+        """Whether every switch is a bool (no ``auto`` left)."""
+        return all(isinstance(value, bool) for value in asdict(self).values())
+
+    def resolved(self, device: str) -> KernelSettings:
+        """These switches for a model built on ``device`` (``cuda``, ``cuda:1``, ``cpu``, ...): each ``auto`` on
+        where it is CUDA, off elsewhere; ``true``/``false`` as they are."""
+        on = torch.device(device).type == "cuda"
+        return dataclasses.replace(self, **{name: on for name, value in asdict(self).items() if value == "auto"})
+
+    def auto_summary(self, device: str) -> str:
+        """What the ``auto`` switches became on ``device``, in words (``cross_entropy: auto → off (not CUDA)``);
+        empty where no switch is ``auto``."""
+        automatic = [name for name, value in asdict(self).items() if value == "auto"]
+        if not automatic:
+            return ""
+        on = torch.device(device).type == "cuda"
+        return f"{', '.join(automatic)}: auto → {'on (CUDA)' if on else 'off (not CUDA)'}"
 
     def enabled(self) -> list[str]:
+        """The kernels switched on; raises ``ValueError`` while a switch is still ``auto`` (resolve it first)."""
+        if not self.is_resolved:
+            raise ValueError(f"{self} holds auto switches: take KernelSettings.resolved(device) first")
         return [name for name, on in asdict(self).items() if on]

@@ -17,6 +17,7 @@ The LightningModule calls ``optimizer(trainable_params)`` and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
@@ -156,7 +157,9 @@ class AdamWSettings:
         paged_8bit: ``True``, ``False`` or ``"auto"`` (the strings ``"true"``/``"false"`` too).
         fused_8bit: where ``paged_8bit`` picks the 8-bit states, keep them on the device and step each
             parameter group in one launch (:class:`vlm.training.fused_adamw.FusedAdamW8bit`) instead of
-            bitsandbytes' paged optimizer, which launches and waits once per tensor. A bool.
+            bitsandbytes' paged optimizer, which launches and waits once per tensor. ``True``, ``False``
+            or ``"auto"``: on wherever the 8-bit states are used, unless FSDP shards the parameters
+            (see :meth:`resolved`).
     """
 
     lr: float
@@ -164,7 +167,7 @@ class AdamWSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     paged_8bit: bool | str = "auto"
-    fused_8bit: bool = False
+    fused_8bit: bool | str = "auto"
 
     def __post_init__(self) -> None:
         lr, wd, eps = self.lr, self.weight_decay, self.eps
@@ -186,18 +189,27 @@ class AdamWSettings:
             raise ValueError(f"optimizer.betas={shown!r} must be two floats in [0, 1), e.g. [0.9, 0.999]")
         # Also turns an OmegaConf ListConfig into a tuple.
         object.__setattr__(self, "betas", tuple(float(b) for b in betas))
-        object.__setattr__(self, "paged_8bit", _paged_8bit(self.paged_8bit))
-        if not isinstance(self.fused_8bit, bool):
-            raise ValueError(f"optimizer.fused_8bit={self.fused_8bit!r} must be true or false")
+        object.__setattr__(self, "paged_8bit", _switch(self.paged_8bit, "optimizer.paged_8bit"))
+        object.__setattr__(self, "fused_8bit", _switch(self.fused_8bit, "optimizer.fused_8bit"))
+
+    def resolved(self, device: str, sharded: bool = False, fp32: bool = True) -> AdamWSettings:
+        """These settings with each ``"auto"`` decided for parameters on ``device`` (``cuda``, ``cuda:1``,
+        ``cpu``, ...): ``paged_8bit`` is 8-bit on CUDA; ``fused_8bit`` is on where the 8-bit states are used,
+        unless a strategy shards the parameters (``sharded``: FSDP, with which ``FusedAdamW8bit`` was not tried)
+        or one of them is not ``fp32`` (``fp32=False``; ``FusedAdamW8bit`` updates fp32 parameters only).
+        ``True`` and ``False`` stay as given (``paged_8bit=True`` off CUDA is refused by :func:`adamw`)."""
+        paged = torch.device(device).type == "cuda" if self.paged_8bit == "auto" else self.paged_8bit
+        fused = paged and not sharded and fp32 if self.fused_8bit == "auto" else self.fused_8bit
+        return dataclasses.replace(self, paged_8bit=paged, fused_8bit=fused)
 
 
-def _paged_8bit(value: Any) -> bool | str:
+def _switch(value: Any, key: str) -> bool | str:
     if isinstance(value, bool):
         return value
     mapping = {"auto": "auto", "true": True, "false": False}
     if isinstance(value, str) and value.strip().lower() in mapping:
         return mapping[value.strip().lower()]
-    raise ValueError(f"optimizer.paged_8bit={value!r} must be true, false or 'auto'")
+    raise ValueError(f"{key}={value!r} must be true, false or 'auto'")
 
 
 def adamw(
@@ -207,14 +219,16 @@ def adamw(
     betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-8,
     paged_8bit: bool | str = "auto",
-    fused_8bit: bool = False,
+    fused_8bit: bool | str = "auto",
 ) -> Optimizer:
     """AdamW over ``params``; the other arguments are checked as :class:`AdamWSettings`.
 
-    ``paged_8bit``: ``"auto"`` uses ``bitsandbytes.optim.PagedAdamW8bit`` when every parameter
-    lives on CUDA and ``torch.optim.AdamW`` otherwise; ``True`` forces the paged 8-bit
-    optimizer (it needs CUDA and raises ``ValueError`` otherwise); ``False`` always uses
-    ``torch.optim.AdamW``. ``fused_8bit``: the 8-bit states in ``FusedAdamW8bit`` rather than bitsandbytes'.
+    ``paged_8bit``: ``"auto"`` uses 8-bit states when every parameter lives on CUDA and
+    ``torch.optim.AdamW`` otherwise; ``True`` forces the 8-bit states (they need CUDA: ``ValueError``
+    otherwise); ``False`` always uses ``torch.optim.AdamW``. ``fused_8bit``: the 8-bit states in
+    ``FusedAdamW8bit`` rather than in ``bitsandbytes.optim.PagedAdamW8bit``; ``"auto"`` is on where every
+    parameter is fp32 (:meth:`AdamWSettings.resolved`; FSDP's run hands it ``False``, see
+    :func:`vlm.cli.wiring.build_optimizer`).
     """
     settings = AdamWSettings(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, paged_8bit=paged_8bit,
                              fused_8bit=fused_8bit)
@@ -230,7 +244,9 @@ def adamw(
             f"optimizer pages its state through CUDA unified memory), but parameters are on {devices}. "
             "Use paged_8bit='auto' or False to fall back to torch.optim.AdamW."
         )
-    use_paged = all_cuda if settings.paged_8bit == "auto" else bool(settings.paged_8bit)
+    fp32 = all(t.dtype == torch.float32 for t in tensors)
+    settings = settings.resolved("cuda" if all_cuda else "cpu", fp32=fp32)
+    use_paged = settings.paged_8bit
     kwargs = {
         "lr": float(settings.lr),
         "betas": settings.betas,
