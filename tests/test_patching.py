@@ -152,6 +152,22 @@ def test_the_auto_group_turns_on_only_the_loss_kernel_and_only_on_cuda():
     assert settings.resolved("cpu").enabled() == []
 
 
+@pytest.mark.parametrize("model_type", ["mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "gemma3",
+                                        "smolvlm", "idefics3"])
+def test_a_model_with_the_loss_kernel_generates_what_it_generated_before(model_type, tiny_checkpoint, one_cpu_thread,
+                                                                          apply_kernels):
+    """Generation passes no labels, so the loss kernel is not called, but ``generate()`` checks its inputs (the
+    image's ``pixel_values``, ``image_sizes``, ...) against the forward's named parameters: the patched forward
+    shows the original's."""
+    path = tiny_checkpoint(model_type)
+    prompt = one_image_conversation(load_processor(path, get_family(model_type)))
+    prompt = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in prompt.items() if k != "labels"}
+    model = qlora_model(model_type, path).eval()
+    expected = model.generate(**prompt, max_new_tokens=3, do_sample=False)
+    assert apply_kernels(model, KernelSettings(cross_entropy=True)).patched == {"cross_entropy": 1}
+    assert torch.equal(model.generate(**prompt, max_new_tokens=3, do_sample=False), expected)
+
+
 def test_lora_dropout_keeps_peft_forward(tiny_checkpoint, apply_kernels):
     family = get_family("qwen2_5_vl")
     model, _ = load_model(tiny_checkpoint("qwen2_5_vl"), family, QuantConfig(compute_dtype="float32"), device=DEVICE)

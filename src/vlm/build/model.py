@@ -110,7 +110,7 @@ def build_model(recipe: ModelRecipe, planning: Planning, steps: BuildSteps = Bui
             summary += ", the layer inputs kept for it in pinned host memory"
         built.reports.append(StepReport("checkpointing", summary))
     if steps.compile and compiling.mode == "layers":
-        compiled = compile_layers(built.model, built.offloader, recipe.family).summary()
+        compiled = compile_layers(built.model, built.offloader).summary()
         built.compile = "layers"
         summary = compiled if recipe.compile == "layers" else f"{compiling.summary()}: {compiled}"
         built.reports.append(StepReport("compile", summary))

@@ -37,7 +37,6 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .checkpointing import ActivationOffloader
-    from .families import ModelFamily
 
 COMPILE = ("none", "layers", "auto")
 # Kernels patched into the decoder layers' modules. Compiled, a layer fuses those ops itself, and our
@@ -110,17 +109,12 @@ class CompiledLayers:
     """What ``compile_layers`` compiled."""
 
     trainable: int  # decoder layers with a trainable weight, compiled for training steps
-    frozen: int  # blocks of the frozen stacks (the vision tower's) compiled one by one, for the forward of training steps
+    frozen: int  # blocks of the frozen stacks (the vision tower's), compiled for the forward of training steps
     traced_4bit: int  # NF4 linears inside them that the compiled programs call without bitsandbytes' Python
-    stacks: int = 0  # frozen stacks compiled whole (one program and one call for all their blocks)
-    stacked_blocks: int = 0  # the blocks inside those
 
     def summary(self) -> str:
-        frozen = f"{self.frozen} frozen blocks"
-        if self.stacks:
-            frozen = f"{self.stacks} frozen stacks whole ({self.stacked_blocks} blocks) and {self.frozen} frozen blocks"
-        return (f"{self.trainable} decoder layers compiled for training steps, {frozen} for their forward; "
-                f"{self.traced_4bit} NF4 linears traced")
+        return (f"{self.trainable} decoder layers compiled for training steps, {self.frozen} frozen blocks for "
+                f"their forward; {self.traced_4bit} NF4 linears traced")
 
 
 def frozen_repeated_blocks(model: nn.Module, compiled: list[nn.Module]) -> list[nn.Module]:
@@ -140,45 +134,29 @@ def frozen_repeated_blocks(model: nn.Module, compiled: list[nn.Module]) -> list[
     return found
 
 
-def frozen_stacks_compiled_whole(model: nn.Module, family: ModelFamily | None) -> list[nn.Module]:
-    """The frozen vision tower's stacks that ``family`` says compile whole (:meth:`ModelFamily.frozen_encoders`),
-    those without a trainable weight."""
-    if family is None:
-        return []
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        tower = base.get_submodule(family.vision_tower)
-    except AttributeError:
-        return []
-    return [stack for stack in family.frozen_encoders(tower) if not any(p.requires_grad for p in stack.parameters())]
-
-
-def compile_layers(model: nn.Module, offloader: ActivationOffloader | None = None,
-                   family: ModelFamily | None = None) -> CompiledLayers:
+def compile_layers(model: nn.Module, offloader: ActivationOffloader | None = None) -> CompiledLayers:
     """Compile each trainable decoder layer of ``model`` for its training steps, and each block of its frozen
     stacks for the forward of those steps; their NF4 linears are traced into the compiled programs. With the
     ``offloader`` of ``model.checkpointing=offload``, each trainable layer is compiled inside its checkpoint.
 
-    The frozen stacks that ``family`` names are compiled whole instead, block by block otherwise: a stack
-    forward of 32 blocks is then one call, where 32 calls cost the host a millisecond each.
+    The frozen blocks are compiled one by one, not their stack whole: on one H200, Mllama's two encoders
+    compiled whole took the first step from 28 to 87 s and measured no faster step (BENCHMARKS.md).
     """
     from vlm.quant.bnb_layers import trace_4bit_linears_when_compiled
 
     layers = trainable_decoder_layers(model)
     if not layers:
         raise ValueError("model.compile=layers: the model has no decoder layer with a trainable weight")
-    stacks = frozen_stacks_compiled_whole(model, family)
-    blocks = frozen_repeated_blocks(model, layers + stacks)
-    traced = sum(trace_4bit_linears_when_compiled(module) for module in layers + stacks + blocks)
+    blocks = frozen_repeated_blocks(model, layers)
+    traced = sum(trace_4bit_linears_when_compiled(module) for module in layers + blocks)
     for layer in layers:
         if offloader is None:
             _compile_when(layer, lambda layer=layer: layer.training and torch.is_grad_enabled())
         else:
             _compile_inside_offloaded_checkpoint(layer, offloader)
-    for frozen in stacks + blocks:  # forward only, under no_grad: no cache to keep eager for, but eval stays eager
-        _compile_when(frozen, lambda frozen=frozen: frozen.training)
-    stacked = sum(len(child) for stack in stacks for child in stack.children() if isinstance(child, nn.ModuleList))
-    return CompiledLayers(len(layers), len(blocks), traced, len(stacks), stacked)
+    for block in blocks:  # forward only, under no_grad: no cache to keep eager for, but eval stays eager
+        _compile_when(block, lambda block=block: block.training)
+    return CompiledLayers(len(layers), len(blocks), traced)
 
 
 def _compile_when(module: nn.Module, compiled_now) -> None:  # noqa: ANN001

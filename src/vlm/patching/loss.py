@@ -8,6 +8,8 @@ loss shifts them. Without labels (generation, evaluation of logits) the model is
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -54,6 +56,10 @@ def patch_fused_cross_entropy(model: nn.Module, report: PatchReport) -> None:
         outputs.logits = None  # only the last position was computed: do not hand out a misleading tensor
         return outputs
 
+    # generate() checks its inputs against the forward's named parameters (pixel_values, image_sizes, ...):
+    # the wrapper shows the original's, which it passes on.
+    named = inspect.signature(original).parameters.values()
+    forward.__signature__ = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *named])
     report.replace_forward(top, forward)
     report.patched["cross_entropy"] += 1
 

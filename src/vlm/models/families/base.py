@@ -154,12 +154,6 @@ class ModelFamily:
         (say how, for the build report), where the family's code holds them all; ``None``: nothing to drop."""
         return None
 
-    def frozen_encoders(self, tower: Any) -> list[Any]:
-        """The modules of the vision tower whose forward is a loop over a stack of blocks that TorchDynamo traces
-        without a break: frozen, ``model.compile=layers`` compiles each whole, for one call a step instead of one a
-        block. Empty: the tower's blocks are compiled one by one."""
-        return []
-
     def prepare_loaded(self, model: Any) -> None:
         """Fix what the family's modelling code gets wrong in training, once the model is loaded."""
 

@@ -54,9 +54,6 @@ class Mllama(ModelFamily):
         global_.forward = types.MethodType(_encoder_forward_keeping(frozenset()), global_)
         return f"keeping {len(used)} of its {len(local.layers) + len(global_.layers)} layer outputs"
 
-    def frozen_encoders(self, tower: Any) -> list[Any]:
-        return [tower.transformer, tower.global_transformer]  # 32 and 8 blocks: one compiled call each
-
     def tiny_config(self, token_ids: dict[str, int], vocab_size: int) -> transformers.PretrainedConfig:
         size = self.tiny
         # Mllama's text model adds 8 embedding rows of its own above vocab_size for its special tokens.
