@@ -35,25 +35,31 @@ class KernelSettings:
     @property
     def is_resolved(self) -> bool:
         """Whether every switch is a bool (no ``auto`` left)."""
-        return all(isinstance(value, bool) for value in asdict(self).values())
+        return not self._automatic()
 
     def resolved(self, device: str) -> KernelSettings:
         """These switches for a model built on ``device`` (``cuda``, ``cuda:1``, ``cpu``, ...): each ``auto`` on
         where it is CUDA, off elsewhere; ``true``/``false`` as they are."""
-        on = torch.device(device).type == "cuda"
-        return dataclasses.replace(self, **{name: on for name, value in asdict(self).items() if value == "auto"})
+        return dataclasses.replace(self, **dict.fromkeys(self._automatic(), _auto_is_on(device)))
 
     def auto_summary(self, device: str) -> str:
         """What the ``auto`` switches became on ``device``, in words (``cross_entropy: auto → off (not CUDA)``);
         empty where no switch is ``auto``."""
-        automatic = [name for name, value in asdict(self).items() if value == "auto"]
+        automatic = self._automatic()
         if not automatic:
             return ""
-        on = torch.device(device).type == "cuda"
-        return f"{', '.join(automatic)}: auto → {'on (CUDA)' if on else 'off (not CUDA)'}"
+        return f"{', '.join(automatic)}: auto → {'on (CUDA)' if _auto_is_on(device) else 'off (not CUDA)'}"
+
+    def _automatic(self) -> list[str]:
+        return [name for name, value in asdict(self).items() if value == "auto"]
 
     def enabled(self) -> list[str]:
         """The kernels switched on; raises ``ValueError`` while a switch is still ``auto`` (resolve it first)."""
         if not self.is_resolved:
             raise ValueError(f"{self} holds auto switches: take KernelSettings.resolved(device) first")
         return [name for name, on in asdict(self).items() if on]
+
+
+def _auto_is_on(device: str) -> bool:
+    """What an ``auto`` switch is for a model built on ``device``: on where it is CUDA."""
+    return torch.device(device).type == "cuda"
