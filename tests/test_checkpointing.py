@@ -149,3 +149,42 @@ def test_offload_frees_the_layer_inputs_on_the_gpu_and_gives_the_same_grads():
     # Attention's backward kernels need not be deterministic on a GPU: bitwise equality is checked on the CPU.
     for name, grad in grads.items():
         torch.testing.assert_close(grads_offload[name], grad, rtol=2e-2, atol=1e-3, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_checkpointed_layers_hold_on_the_gpu_what_the_eager_checkpoint_holds():
+    """``model.compile=layers`` keeps, between a forward and its backward, no more than the eager checkpoint: the
+    layer inputs (none of them under ``offload``). A program that kept its products' outputs instead, as torch
+    2.11's partitioner did with the traced checkpoint alone, would hold each layer's activations (67 MB here)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vlm.models.compiling import compile_layers
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8)
+    ids = torch.randint(0, 256, (1, 4096), device="cuda")
+    layer_input_bytes = ids.numel() * config.hidden_size * 2
+    held = {}
+    for compiled in (False, True):
+        model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).train()
+        for mode in ("standard", "offload"):
+            offloader = enable_checkpointing(model, mode)
+            if compiled:
+                compile_layers(model, offloader)
+            for _ in range(2):  # the first step compiles
+                model.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                torch.empty(1, device="cuda")  # the allocator releases the blocks the copy stream has read
+                before = torch.cuda.memory_allocated()
+                loss = model(input_ids=ids, labels=ids).loss
+                torch.cuda.synchronize()
+                torch.empty(1, device="cuda")
+                held[compiled, mode] = torch.cuda.memory_allocated() - before
+                loss.backward()
+            if offloader is not None:
+                assert offloader.counts.offloaded == 2 * config.num_hidden_layers
+    for mode in ("standard", "offload"):
+        assert held[True, mode] <= held[False, mode] + layer_input_bytes, (mode, held)
+    assert held[True, "standard"] - held[True, "offload"] >= 0.9 * config.num_hidden_layers * layer_input_bytes

@@ -102,6 +102,18 @@ class ActivationOffloader:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             return checkpoint(function, *args, use_reentrant=False)
 
+    def run_keeping_inputs(self, run, function, *args):  # noqa: ANN001, ANN201
+        """``run(function, *args)``, a compiled program that checkpoints ``function`` itself, with the layer inputs
+        ``args`` that it keeps for the backward in host memory. Of what the program keeps, they alone move: it
+        keeps the weights and the inputs every layer shares as well, which stay where they are."""
+        inputs = {arg.untyped_storage().data_ptr() for arg in args if isinstance(arg, torch.Tensor)}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor | _Offloaded:
+            return self._pack(tensor) if tensor.untyped_storage().data_ptr() in inputs else tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
+            return run(function, *args)
+
     # ------------------------------------------------------------------ forward: to host memory
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor | _Offloaded:
         size = tensor.numel() * tensor.element_size()
