@@ -122,7 +122,6 @@ def _bytes_kept_for_the_backward(model, batch) -> int:
 
     hooks = [layer.register_forward_pre_hook(note_inputs, with_kwargs=True) for layer in trainable_decoder_layers(model)]
     kept: dict[int, int] = {}
-
     rng_state = torch.get_rng_state()  # each checkpoint keeps one, to replay the layer's randomness
 
     def pack(tensor):
@@ -134,7 +133,8 @@ def _bytes_kept_for_the_backward(model, batch) -> int:
         loss_and_grads(model, batch)
     for hook in hooks:
         hook.remove()
-    return sum(size for pointer, size in kept.items() if pointer not in weights | layer_inputs)
+    left_out = weights | layer_inputs
+    return sum(size for pointer, size in kept.items() if pointer not in left_out)
 
 
 def test_compiled_checkpointed_layers_keep_no_more_for_the_backward_than_the_eager_checkpoint(tiny_checkpoint,
