@@ -219,3 +219,44 @@ def test_offloaded_checkpointing_needs_the_layers_checkpointed_first(tiny_checkp
     model, _ = _model(tiny_checkpoint, "qwen2_vl", checkpointing="none")
     with pytest.raises(ValueError, match="is not checkpointed"):
         compile_layers(model, ActivationOffloader())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_compiled_checkpointed_layer_holds_one_16_bit_weight_at_a_time_in_its_backward(tmp_path):
+    """The backward of a compiled checkpointed QLoRA layer peaks no higher than the eager checkpoint's, which
+    dequantizes each weight for its product alone. Had the program one 16-bit copy of each weight serve both the
+    recomputed forward and the input grad, a layer's 7 weights (128 MB here, against 4 MB activations) would be
+    alive together through its backward."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=2,
+                         num_attention_heads=16, num_key_value_heads=16)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.bfloat16, device_map={"": "cuda"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).train()
+    enable_checkpointing(model, "standard")
+    ids = torch.randint(0, 256, (1, 256), device="cuda")
+    layer_input_bytes = ids.numel() * config.hidden_size * 2
+
+    def backward_peak() -> int:
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    backward_peak()
+    eager = backward_peak()
+    assert compile_layers(model).traced_4bit == 7 * config.num_hidden_layers
+    backward_peak()  # compiles
+    compiled = backward_peak()
+    assert compiled <= eager + layer_input_bytes, (compiled, eager)

@@ -146,13 +146,15 @@ def compile_layers(model: nn.Module, offloader: ActivationOffloader | None = Non
     The frozen blocks are compiled one by one, not their stack whole: on one H200, Mllama's two encoders
     compiled whole took the first step from 28 to 87 s and measured no faster step (BENCHMARKS.md).
     """
-    from vlm.quant.bnb_layers import trace_4bit_linears_when_compiled
+    from vlm.quant.bnb_layers import fuse_lora_of_4bit_linears_when_compiled, trace_4bit_linears_when_compiled
 
     layers = trainable_decoder_layers(model)
     if not layers:
         raise ValueError("model.compile=layers: the model has no decoder layer with a trainable weight")
     blocks = frozen_repeated_blocks(model, layers)
     traced = sum(trace_4bit_linears_when_compiled(module) for module in layers + blocks)
+    for layer in layers:
+        fuse_lora_of_4bit_linears_when_compiled(layer)
     for layer in layers:
         if getattr(layer, "gradient_checkpointing", False) is True:
             _compile_with_its_checkpoint(layer, offloader)

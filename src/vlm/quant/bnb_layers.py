@@ -111,3 +111,45 @@ def _traceable_linear4bit() -> type:
             return nf4_linear(x.to(dtype), self.weight, self.weight.quant_state, bias).to(x.dtype)
 
     return TraceableLinear4bit
+
+
+def fuse_lora_of_4bit_linears_when_compiled(module: nn.Module) -> int:
+    """Make each PEFT LoRA layer on an NF4 ``Linear4bit`` inside ``module`` compute, while being compiled, base and
+    adapter as one operation (``vlm.kernels.nf4_linear.nf4_lora_linear``); returns how many. Eager calls, and calls
+    the fused form does not cover (adapters disabled or merged, another adapter active), run PEFT's forward."""
+    import torch
+
+    from vlm.kernels.nf4_linear import nf4_lora_linear
+
+    fused = 0
+    for layer in module.modules():
+        base = getattr(layer, "base_layer", None)
+        if not (isinstance(base, nn.Module) and hasattr(layer, "lora_A") and _is_nf4(base)):
+            continue
+        adapters = list(layer.active_adapters)
+        adapter = adapters[0] if len(adapters) == 1 else None
+        dropout = layer.lora_dropout[adapter] if adapter in layer.lora_dropout else None
+        if adapter is None or not isinstance(dropout, nn.Identity) or adapter in getattr(layer, "lora_variant", {}):
+            continue
+        peft_forward = layer.forward
+
+        def forward(x, *args, layer=layer, peft_forward=peft_forward, adapter=adapter, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if (not torch.compiler.is_compiling() or layer.disable_adapters or layer.merged or args or kwargs
+                    or list(layer.active_adapters) != [adapter]):
+                return peft_forward(x, *args, **kwargs)
+            base = layer.base_layer
+            dtype = base.compute_dtype or x.dtype  # as bitsandbytes does: compute in it, answer in x's dtype
+            bias = None if base.bias is None else base.bias.to(dtype)
+            out = nf4_lora_linear(x.to(dtype), base.weight, base.weight.quant_state, layer.lora_A[adapter].weight.to(dtype),
+                                  layer.lora_B[adapter].weight.to(dtype), layer.scaling[adapter], bias)
+            return out.to(x.dtype)
+
+        layer.forward = forward
+        fused += 1
+    return fused
+
+
+def _is_nf4(layer: nn.Module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_state.quant_type == "nf4"
