@@ -173,21 +173,20 @@ def patch_qlora_linears(model: nn.Module, report: PatchReport) -> None:
     import bitsandbytes as bnb
 
     from vlm.kernels.qlora_linear import qlora_linear
+    from vlm.quant.bnb_layers import plain_adapter, runs_plain_adapter
 
     for module in model.modules():
         base = getattr(module, "base_layer", None)
         if not isinstance(base, bnb.nn.Linear4bit) or not hasattr(module, "lora_A"):
             continue
-        adapters = list(module.active_adapters)
-        adapter = adapters[0] if len(adapters) == 1 else None
-        dropout = module.lora_dropout[adapter] if adapter in module.lora_dropout else None
-        if adapter is None or not isinstance(dropout, nn.Identity) or adapter in getattr(module, "lora_variant", {}):
+        adapter = plain_adapter(module)
+        if adapter is None:
             report.skipped["lora: dropout, several adapters or a variant"] += 1
             continue
         peft_forward = module.forward
 
         def forward(self, x, *args, peft_forward=peft_forward, adapter=adapter, **kwargs):  # noqa: ANN001
-            if self.disable_adapters or self.merged or args or kwargs or list(self.active_adapters) != [adapter]:
+            if not runs_plain_adapter(self, adapter, args, kwargs):
                 return peft_forward(x, *args, **kwargs)
             a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
             weight = self.base_layer.weight

@@ -126,16 +126,13 @@ def fuse_lora_of_4bit_linears_when_compiled(module: nn.Module) -> int:
         base = getattr(layer, "base_layer", None)
         if not (isinstance(base, nn.Module) and hasattr(layer, "lora_A") and _is_nf4(base)):
             continue
-        adapters = list(layer.active_adapters)
-        adapter = adapters[0] if len(adapters) == 1 else None
-        dropout = layer.lora_dropout[adapter] if adapter in layer.lora_dropout else None
-        if adapter is None or not isinstance(dropout, nn.Identity) or adapter in getattr(layer, "lora_variant", {}):
+        adapter = plain_adapter(layer)
+        if adapter is None:
             continue
         peft_forward = layer.forward
 
         def forward(x, *args, layer=layer, peft_forward=peft_forward, adapter=adapter, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-            if (not torch.compiler.is_compiling() or layer.disable_adapters or layer.merged or args or kwargs
-                    or list(layer.active_adapters) != [adapter]):
+            if not (torch.compiler.is_compiling() and runs_plain_adapter(layer, adapter, args, kwargs)):
                 return peft_forward(x, *args, **kwargs)
             base = layer.base_layer
             dtype = base.compute_dtype or x.dtype  # as bitsandbytes does: compute in it, answer in x's dtype
@@ -153,3 +150,20 @@ def _is_nf4(layer: nn.Module) -> bool:
     import bitsandbytes as bnb
 
     return isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_state.quant_type == "nf4"
+
+
+def plain_adapter(layer: nn.Module) -> str | None:
+    """The one active adapter of a PEFT LoRA layer, where a fused base-plus-adapter op computes what PEFT does (no
+    dropout, no variant such as DoRA); ``None`` otherwise."""
+    adapters = list(layer.active_adapters)
+    adapter = adapters[0] if len(adapters) == 1 else None
+    dropout = layer.lora_dropout[adapter] if adapter in layer.lora_dropout else None
+    if adapter is None or not isinstance(dropout, nn.Identity) or adapter in getattr(layer, "lora_variant", {}):
+        return None
+    return adapter
+
+
+def runs_plain_adapter(layer: nn.Module, adapter: str, args: tuple, kwargs: dict) -> bool:
+    """Whether a call of the PEFT LoRA ``layer`` computes its base and ``adapter`` alone (see ``plain_adapter``):
+    adapters neither disabled nor merged, no other active, no extra arguments."""
+    return not (layer.disable_adapters or layer.merged or args or kwargs or list(layer.active_adapters) != [adapter])
