@@ -91,13 +91,30 @@ def test_kernels_import_torch_and_triton_only():
     assert found - allowed == set()
 
 
-def test_vlm_kernels_is_an_ordinary_subpackage_and_importing_vlm_registers_nothing():
+def test_vlm_kernels_is_a_subpackage_of_vlm_and_importing_vlm_registers_nothing():
     probe = (
         "import importlib.util, sys; import vlm; "
         "assert not any(name.startswith('vlm.kernels') for name in sys.modules), 'vlm imported its kernels'; "
         "spec = importlib.util.find_spec('vlm.kernels'); "
-        "print(spec.submodule_search_locations[0])"
+        "print(list(spec.submodule_search_locations)[0])"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd="/")
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip(), "qlora_linear.py").is_file()
+
+
+def test_the_kernels_folder_does_not_shadow_the_kernels_distribution_from_the_repository_root():
+    # transformers (5.25 on) depends on the Hub's `kernels` package and imports it when it is found; run from the
+    # repository's root (where `python -m pytest` and a user's scripts start), a top-level package named `kernels`
+    # here would be found first. Without an __init__.py the folder is only a namespace portion, which loses to an
+    # installed package and which transformers' probe ignores when none is installed.
+    probe = (
+        "import importlib.util, pathlib; "
+        "spec = importlib.util.find_spec('kernels'); "
+        "print('' if spec is None or spec.origin is None else spec.origin); "
+        "import transformers; transformers.Qwen2VLProcessor"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    origin = done.stdout.strip()
+    assert not origin or (ROOT / "kernels") not in Path(origin).resolve().parents
