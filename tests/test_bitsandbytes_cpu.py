@@ -10,6 +10,10 @@ defect skip elsewhere; the path of CPUs without it is forced in ``test_train_cli
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,6 +25,7 @@ from vlm.models.loading import load_model
 from vlm.models.lora import LoraSettings, apply_lora
 from vlm.models.tiny import build_tiny_checkpoint
 from vlm.quant.bnb_layers import (
+    CPU_KERNEL_NOTICES,
     keep_cpu_weights_trainable,
     misread_on_cpu,
     repacks_on_cpu,
@@ -133,3 +138,31 @@ def test_on_this_cpu_an_unguarded_layer_repacks_in_eval_and_the_guard_restores_i
     x.requires_grad_(True)
     layer.train()(x).float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(("logger_name", "prefix"), CPU_KERNEL_NOTICES, ids=["bitsandbytes", "hub_kernels"])
+def test_the_entry_points_drop_the_cpu_kernel_lookups_notices_and_keep_their_loggers_others(logger_name, prefix,
+                                                                                            monkeypatch):
+    """bitsandbytes asks for its CPU kernel on AVX512-BF16 CPUs only, so the notices are emitted here by hand; that
+    the installed libraries still log them under these names is read from their source."""
+    from vlm.cli.console import quiet_libraries
+
+    package = logger_name.partition(".")[0]
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (transformers before 5.25 does not need it)")
+    source = Path(importlib.util.find_spec(logger_name).origin).read_text()
+    assert prefix.partition("'")[0] in source and "getLogger(__name__)" in source
+
+    monkeypatch.delenv("WANDB_SILENT", raising=False)  # quiet_libraries sets it; restored after the test
+    quiet_libraries()
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        logger.warning(prefix + " (as the library words it)")
+        logger.warning("another notice of the same library")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["another notice of the same library"]

@@ -51,9 +51,10 @@ def drop_messages(logger_name: str, prefix: str) -> None:
 def quiet_libraries() -> None:
     """Silence the notices named in this module; call first thing in an entry point, before
     bitsandbytes is imported (it logs its notice while being imported)."""
-    from vlm.quant.bnb_layers import CPU_KERNEL_NOTICE
+    from vlm.quant.bnb_layers import CPU_KERNEL_NOTICES
 
-    drop_messages(*CPU_KERNEL_NOTICE)
+    for logger_name, prefix in CPU_KERNEL_NOTICES:
+        drop_messages(logger_name, prefix)
     for category, message, _why in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     # W&B's banner and run history: the run's own summary says where the W&B run is. Its

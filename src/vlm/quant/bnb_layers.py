@@ -13,10 +13,14 @@ from torch import nn
 
 from .formats import BLOCKSIZE
 
-# (logger, message prefix) of what bitsandbytes logs when it is imported on a CPU with AVX512-BF16
-# and the optional `kernels` package is missing: the kernel it wants serves only the inference
-# layout that `keep_cpu_weights_trainable` switches off, so the notice says nothing about our runs.
-CPU_KERNEL_NOTICE = ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
+# (logger, message prefix) of what is logged when bitsandbytes is imported on a CPU with AVX512-BF16: it asks the
+# Hub's `kernels` package (a dependency of transformers from 5.25 on) for a CPU kernel and says so when it gets none;
+# offline, `kernels` first says it skips that kernel's trust check. The kernel serves only the inference layout
+# that `keep_cpu_weights_trainable` switches off, so neither notice says anything about our runs.
+CPU_KERNEL_NOTICES = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"),
+)
 
 
 def quantized_layer_names(model: nn.Module) -> list[str]:
