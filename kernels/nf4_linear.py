@@ -24,7 +24,7 @@ from .qlora.nf4 import (
 )
 
 __all__ = ["FrozenNF4LinearFunction", "FrozenNF4LoRALinearFunction", "dequantize_nf4_op", "nf4_linear", "nf4_linear_reference",
-           "nf4_lora_linear"]
+           "nf4_lora_linear", "nf4_lora_linear_reference"]
 
 
 @torch.library.triton_op("vlm::dequantize_nf4", mutates_args=())
@@ -149,3 +149,11 @@ def nf4_lora_linear(x: torch.Tensor, packed: torch.Tensor, quant_state, lora_A: 
     out = FrozenNF4LoRALinearFunction.apply(x.reshape(-1, x.shape[-1]), lora_A, lora_B, float(scaling), packed,
                                             *tensors, bias, *layout)
     return out.reshape(*leading, out.shape[-1])
+
+
+def nf4_lora_linear_reference(x: torch.Tensor, packed: torch.Tensor, quant_state, lora_A: torch.Tensor,  # noqa: ANN001
+                              lora_B: torch.Tensor, scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What PEFT computes over a bitsandbytes ``Linear4bit``: the base layer's result and the scaled adapter's, each
+    in x's dtype, then their sum; by plain indexing and autograd."""
+    adapter = F.linear(F.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype)) * scaling
+    return nf4_linear_reference(x, packed, quant_state, bias) + adapter

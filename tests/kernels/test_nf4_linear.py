@@ -1,16 +1,24 @@
 """The frozen NF4 linear that ``torch.compile`` traces: its dequantization operator gives bitsandbytes' bits,
 the layer computes what ``Linear4bit`` computes, forward and backward, compiled or not, and it keeps no
-16-bit copy of the weight for the backward."""
+16-bit copy of the weight for the backward. Its LoRA form computes base plus scaled adapter as a float64
+reference does, and in bf16 keeps an adapter's small update that PEFT's separately rounded sum loses."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import assert_same_bits, dtype_id, quantized_nf4_weight
+from kernel_checks import assert_close_at_scale, assert_same_bits, dtype_id, quantized_nf4_weight
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-from vlm.kernels.nf4_linear import _storage_args, dequantize_nf4_op, nf4_linear, nf4_linear_reference  # noqa: E402
+from vlm.kernels.nf4_linear import (  # noqa: E402
+    _storage_args,
+    dequantize_nf4_op,
+    nf4_linear,
+    nf4_linear_reference,
+    nf4_lora_linear,
+    nf4_lora_linear_reference,
+)
 
 # On a GPU the operator runs the Triton kernel; elsewhere its plain-indexing body.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,3 +110,80 @@ def test_the_backward_keeps_the_packed_weight_not_a_16_bit_copy():
         nf4_linear(x.clone().requires_grad_(), packed, quant_state)
     assert saved and any(tensor is packed for tensor in saved)
     assert not [t for t in saved if t.is_floating_point() and t.numel() >= packed.numel()]
+
+
+# --------------------------------------------------------------------------- the LoRA form
+# Against float64, relative to each result's RMS: fp32 differs by the order of its sums; bf16 by the rounding of
+# its inputs and of each product's result.
+LORA_TOLERANCE = {torch.float32: {"rtol": 0, "atol": 1e-5}, torch.bfloat16: {"rtol": 0, "atol": 2e-2}}
+
+
+def _lora_inputs(dtype: torch.dtype, with_bias: bool, seed: int = 5):  # noqa: ANN202
+    generator = torch.Generator().manual_seed(seed)
+    packed, quant_state = quantized_nf4_weight(96, 128, torch.bfloat16, True, generator, DEVICE)
+    tensors = {
+        "x": torch.randn(2, 7, 128, generator=generator),
+        "lora_A": torch.randn(8, 128, generator=generator) / 128**0.5,
+        "lora_B": torch.randn(96, 8, generator=generator) / 8**0.5,
+        "bias": torch.randn(96, generator=generator) if with_bias else None,
+        "grad_output": torch.randn(2, 7, 96, generator=generator),
+    }
+    return packed, quant_state, {k: None if t is None else t.to(DEVICE, dtype) for k, t in tensors.items()}
+
+
+def _run_lora(linear, packed, quant_state, tensors, dtype, scaling=2.0):  # noqa: ANN001, ANN202
+    """The output and the grads of x, A, B and the bias, all computed in ``dtype``."""
+    leaves = {k: tensors[k].to(dtype).clone().requires_grad_() for k in ("x", "lora_A", "lora_B")}
+    bias = None if tensors["bias"] is None else tensors["bias"].to(dtype).clone().requires_grad_()
+    out = linear(leaves["x"], packed, quant_state, leaves["lora_A"], leaves["lora_B"], scaling, bias)
+    out.backward(tensors["grad_output"].to(dtype))
+    grads = [leaves[k].grad for k in ("x", "lora_A", "lora_B")] + ([] if bias is None else [bias.grad])
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "trainable_bias"])
+def test_the_lora_form_computes_base_plus_scaled_adapter_and_its_grads_as_float64_does(dtype, with_bias):
+    packed, quant_state, tensors = _lora_inputs(dtype, with_bias)
+    expected = _run_lora(nf4_lora_linear_reference, packed, quant_state, tensors, torch.float64)
+    actual = _run_lora(nf4_lora_linear, packed, quant_state, tensors, dtype)
+    assert len(actual) == len(expected) == 4 + with_bias
+    for got, want in zip(actual, expected):
+        assert got.dtype == dtype
+        assert_close_at_scale(got, want, LORA_TOLERANCE[dtype])
+
+
+def test_the_lora_form_compiled_whole_computes_what_it_computes_eagerly():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    packed, quant_state, tensors = _lora_inputs(torch.bfloat16, with_bias=True, seed=6)
+    compiled = torch.compile(nf4_lora_linear, fullgraph=True)  # a graph break would raise
+    for got, want in zip(_run_lora(compiled, packed, quant_state, tensors, torch.bfloat16),
+                         _run_lora(nf4_lora_linear, packed, quant_state, tensors, torch.bfloat16)):
+        assert_close_at_scale(got, want, LORA_TOLERANCE[torch.bfloat16])
+    torch._dynamo.reset()
+
+
+def test_in_bf16_an_adapters_first_update_survives_the_sum_with_the_base_product():
+    """After one AdamW step at lr 2e-4 from PEFT's B = 0, each of B's elements is about +-2e-4, and the adapter adds
+    about 4e-4 to outputs of size 1: a twentieth of a bf16 step there. The big product accumulates onto the adapter's
+    and is rounded once, so the update reaches the output on average; PEFT's sum of two bf16 results rounds a value
+    already on bf16's grid plus the update, which brings back the same grid point for most elements."""
+    generator = torch.Generator().manual_seed(7)
+    packed, quant_state = quantized_nf4_weight(256, 1024, torch.bfloat16, True, generator, DEVICE)
+    x = torch.randn(128, 1024, generator=generator, dtype=torch.float64)
+    lora_A = (torch.rand(16, 1024, generator=generator, dtype=torch.float64) * 2 - 1) / 1024**0.5  # PEFT's init
+    lora_B = torch.randn(256, 16, generator=generator, dtype=torch.float64).sign() * 2e-4
+    update = (x @ lora_A.T) @ lora_B.T  # float64: what B's step adds to the output (scaling 1)
+
+    def kept(linear) -> float:  # noqa: ANN001
+        """The share of ``update`` that the bf16 output moves by when B takes its step."""
+        args = [t.to(DEVICE, torch.bfloat16) for t in (x, lora_A, lora_B)]
+        moved = linear(args[0], packed, quant_state, args[1], args[2], 1.0) - linear(
+            args[0], packed, quant_state, args[1], torch.zeros_like(args[2]), 1.0)
+        moved = moved.double().cpu()
+        return float((moved * update).sum() / update.square().sum())
+
+    assert 0.9 < kept(nf4_lora_linear) < 1.1
+    assert kept(nf4_lora_linear_reference) < 0.5
