@@ -165,25 +165,42 @@ def test_the_lora_form_compiled_whole_computes_what_it_computes_eagerly():
     torch._dynamo.reset()
 
 
-def test_in_bf16_an_adapters_first_update_survives_the_sum_with_the_base_product():
+# (tokens, in, out): a small layer everywhere; on a GPU also the shapes of Llama-3.2-11B-Vision's linears at 2048
+# tokens, where cuBLAS may split the inner dimension.
+UPDATE_SHAPES = [
+    pytest.param((128, 1024, 256), id="small"),
+    pytest.param((2048, 14336, 4096), id="down_proj_2048", marks=pytest.mark.gpu),
+    pytest.param((2048, 4096, 14336), id="up_proj_2048", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("shape", UPDATE_SHAPES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_in_bf16_an_adapters_first_update_survives_the_sum_with_the_base_product(shape, compiled):
     """After one AdamW step at lr 2e-4 from PEFT's B = 0, each of B's elements is about +-2e-4, and the adapter adds
     about 4e-4 to outputs of size 1: a twentieth of a bf16 step there. The big product accumulates onto the adapter's
     and is rounded once, so the update reaches the output on average; PEFT's sum of two bf16 results rounds a value
     already on bf16's grid plus the update, which brings back the same grid point for most elements."""
+    import torch._dynamo
+
+    tokens, in_features, out_features = shape
     generator = torch.Generator().manual_seed(7)
-    packed, quant_state = quantized_nf4_weight(256, 1024, torch.bfloat16, True, generator, DEVICE)
-    x = torch.randn(128, 1024, generator=generator, dtype=torch.float64)
-    lora_A = (torch.rand(16, 1024, generator=generator, dtype=torch.float64) * 2 - 1) / 1024**0.5  # PEFT's init
-    lora_B = torch.randn(256, 16, generator=generator, dtype=torch.float64).sign() * 2e-4
-    update = (x @ lora_A.T) @ lora_B.T  # float64: what B's step adds to the output (scaling 1)
+    packed, quant_state = quantized_nf4_weight(out_features, in_features, torch.bfloat16, True, generator, DEVICE)
+    x = torch.randn(tokens, in_features, generator=generator)
+    lora_A = (torch.rand(16, in_features, generator=generator) * 2 - 1) / in_features**0.5  # PEFT's init
+    lora_B = torch.randn(out_features, 16, generator=generator).sign() * 2e-4
+    update = (x.double() @ lora_A.double().T) @ lora_B.double().T  # what B's step adds to the output (scaling 1)
+    torch._dynamo.reset()
 
     def kept(linear) -> float:  # noqa: ANN001
         """The share of ``update`` that the bf16 output moves by when B takes its step."""
         args = [t.to(DEVICE, torch.bfloat16) for t in (x, lora_A, lora_B)]
-        moved = linear(args[0], packed, quant_state, args[1], args[2], 1.0) - linear(
-            args[0], packed, quant_state, args[1], torch.zeros_like(args[2]), 1.0)
+        with torch.no_grad():
+            moved = linear(args[0], packed, quant_state, args[1], args[2], 1.0) - linear(
+                args[0], packed, quant_state, args[1], torch.zeros_like(args[2]), 1.0)
         moved = moved.double().cpu()
         return float((moved * update).sum() / update.square().sum())
 
-    assert 0.9 < kept(nf4_lora_linear) < 1.1
+    assert 0.9 < kept(torch.compile(nf4_lora_linear, fullgraph=True) if compiled else nf4_lora_linear) < 1.1
     assert kept(nf4_lora_linear_reference) < 0.5
+    torch._dynamo.reset()
