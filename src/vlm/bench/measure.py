@@ -139,6 +139,8 @@ class Measurement:
     peak_by_phase_GB: dict[str, float] | None = None
     build: str = ""  # this framework's recipe: its build report (what compile=auto, kernels=auto decided)
     memory_timeline: tuple[dict, ...] = ()  # with --memory-timeline: MemoryEvent dicts of one step after the timed ones
+    # Each LoRA weight's grad norm after the first backward, by name as every recipe spells it (vlm.bench.lora_init).
+    first_grad_norms: dict[str, float] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)

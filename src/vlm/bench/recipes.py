@@ -27,6 +27,7 @@ from typing import Any
 import lightning
 import torch
 
+from .lora_init import lora_grad_norms, same_lora_init
 from .measure import PhaseClock, PhaseMemory, StepLog, StepProfile, synchronize, timed_steps
 from .memory_timeline import MemoryTimeline, model_parts
 from .work import BenchWork
@@ -48,6 +49,7 @@ class RecipeRun:
     memory: PhaseMemory
     memory_timeline: tuple[dict, ...] = ()
     build: str = ""  # this framework's build report: what each step did, the auto settings as the device decided
+    first_grad_norms: dict[str, float] | None = None  # each LoRA weight's grad norm after the first backward
 
 
 def trainable_count(model: torch.nn.Module) -> int:
@@ -78,9 +80,11 @@ def run_recipe(name: str, work: BenchWork, checkpoint: Path, batch: dict[str, to
         model, weights = build_standard(work, checkpoint)
     else:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    same_lora_init(model)
     optimizer = eight_bit_adamw([p for p in model.parameters() if p.requires_grad], work.device)
     built = time.perf_counter() - started
     model.train()
+    first_grads: dict[str, torch.Tensor] = {}
 
     def step(clock: PhaseClock) -> torch.Tensor:
         # As the peers document their recipes and their reference scripts ran them: the model as
@@ -89,13 +93,20 @@ def run_recipe(name: str, work: BenchWork, checkpoint: Path, batch: dict[str, to
         clock.mark("forward")
         loss.backward()
         clock.mark("backward")
+        if not first_grads:
+            first_grads.update(lora_grad_norms(model))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     timeline = follow_memory(model, work) if memory_timeline else None
     log, memory = timed_steps(step, steps, work.device, profile_to, timeline)
-    return RecipeRun(log, weights, built, trainable_count(model), memory, events(timeline))
+    return RecipeRun(log, weights, built, trainable_count(model), memory, events(timeline),
+                     first_grad_norms=read_norms(first_grads))
+
+
+def read_norms(norms: dict[str, torch.Tensor]) -> dict[str, float] | None:
+    return {key: float(norm) for key, norm in norms.items()} or None
 
 
 def follow_memory(model: torch.nn.Module, work: BenchWork) -> MemoryTimeline | None:
@@ -253,6 +264,7 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     built = build_model(plan.model_recipe(str(checkpoint), work.device), planning)
+    same_lora_init(built.model)
     weights = device_bytes(work.device)
     module = VisionLanguageFineTuner(built.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
     timeline = follow_memory(built.model, work) if memory_timeline else None
@@ -266,7 +278,7 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
     build_s = time.perf_counter() - started
     trainer.fit(module, train_dataloaders=loader)
     return RecipeRun(timer.steps, weights, build_s, trainable_count(built.model), timer.memory, events(timeline),
-                     built.summary())
+                     built.summary(), read_norms(timer.first_grads))
 
 
 class RepeatedBatch(torch.utils.data.Dataset):
@@ -303,6 +315,7 @@ class StepTimer(lightning.Callback):
             self._extra_steps.append(lambda: (timeline, timeline.clock()))
         self._extra: Any = None
         self._extra_clock: PhaseClock | None = None
+        self.first_grads: dict[str, torch.Tensor] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         if batch_idx >= self.timed:
@@ -318,6 +331,8 @@ class StepTimer(lightning.Callback):
 
     def on_after_backward(self, trainer, pl_module) -> None:  # noqa: ANN001
         (self._extra_clock or self.clock).mark("backward")
+        if not self.first_grads:
+            self.first_grads.update(lora_grad_norms(pl_module))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         if self._extra is not None:

@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict
@@ -189,6 +190,42 @@ def loss_agreement(results: list[dict[str, Any]], recipe: str = "ours", referenc
     return rows
 
 
+def first_grad_agreement(results: list[dict[str, Any]], recipe: str = "ours") -> list[dict[str, Any]]:
+    """Per length, against each other recipe that ran: how far ``recipe``'s first grads are from the other's, weight
+    by weight (both start from the same LoRA weights, :mod:`vlm.bench.lora_init`). Weights whose grad is zero in the
+    other (each A's: B starts at zero) are counted apart, as ``nonzero_where_zero`` where ``recipe``'s is not; by
+    group, the layers' numbers left out (``language_model.layers.*.cross_attn.q_proj.lora_B.weight``): where a
+    computation differs."""
+    rows = []
+    for tokens in sorted({r["tokens"] for r in results}):
+        ran = {r["recipe"]: r for r in results if r["tokens"] == tokens and r["status"] == "ok" and r.get("first_grad_norms")}
+        if recipe not in ran:
+            continue
+        ours = ran[recipe]["first_grad_norms"]
+        for reference, row in ran.items():
+            if reference == recipe:
+                continue
+            theirs = row["first_grad_norms"]
+            common = sorted(ours.keys() & theirs.keys())
+            relative = {k: abs(ours[k] - theirs[k]) / theirs[k] for k in common if theirs[k] > 0}
+            if not relative:
+                continue
+            groups: dict[str, list[float]] = {}
+            for key, value in relative.items():
+                groups.setdefault(re.sub(r"\.\d+\.", ".*.", key), []).append(value)
+            worst = max(relative, key=relative.__getitem__)
+            rows.append({
+                "tokens": tokens, "reference": reference, "compared": len(relative),
+                "zero_in_both": sum(theirs[k] == 0 and ours[k] == 0 for k in common),
+                "nonzero_where_zero": sum(theirs[k] == 0 and ours[k] != 0 for k in common),
+                "only_in_one": len(ours.keys() ^ theirs.keys()),
+                "median_relative_difference": statistics.median(relative.values()),
+                "max_relative_difference": relative[worst], "at_weight": worst,
+                "by_group": {group: statistics.median(values) for group, values in sorted(groups.items())},
+            })
+    return rows
+
+
 def _gb(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f} GB"
 
@@ -279,9 +316,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ran = [r["tokens"] for r in results if r["recipe"] == recipe and r["status"] == "ok"]
             longest.append(longest_sequence(recipe, args, base, max(ran, default=None), log_path))
     agreement = loss_agreement(results)
+    grads = first_grad_agreement(results)
     report = {**context, "work": {**asdict(base), "tokens": args.tokens}, "steps": args.steps,
               "warmup": args.warmup, "overrides": args.overrides, "results": results, "longest": longest,
-              "loss_agreement": agreement}
+              "loss_agreement": agreement, "first_grad_agreement": grads}
     (args.out / "bench.json").write_text(json.dumps(report, indent=2))
     markdown = table(results)
     timelines = [f"\n### Memory through one step: {r['recipe']} at {r['tokens']} tokens\n\n{timeline_table(r['memory_timeline'])}"
@@ -296,6 +334,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{row['max_relative_difference']:.2%} apart (step {row['at_step']}: {ours:.4g} against {standard:.4g}), "
               f"at most {row['max_absolute_difference']:.3g} in absolute terms"
               + ("" if args.same_optimization else " (not --same-optimization)"))
+    for row in grads:
+        groups = sorted(row["by_group"].items(), key=lambda item: -item[1])[:3]
+        print(f"first grads, ours against {row['reference']} at {row['tokens']} tokens, from the same LoRA weights: "
+              f"{row['compared']} weights, median {row['median_relative_difference']:.2%} apart, at most "
+              f"{row['max_relative_difference']:.2%} ({row['at_weight']}); furthest groups: "
+              + ", ".join(f"{group} {value:.2%}" for group, value in groups)
+              + (f"; {row['nonzero_where_zero']} non-zero where {row['reference']}'s are zero" if row["nonzero_where_zero"] else "")
+              + (f"; {row['only_in_one']} adapted in one recipe only" if row["only_in_one"] else ""))
     for row in longest:
         print(f"longest trainable sequence, {row['recipe']}: {row['longest']} ({row['reason']})")
     print(f"→ {args.out}/bench.json, bench.md, bench.png, bench.log")
