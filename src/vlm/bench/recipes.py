@@ -10,7 +10,8 @@
   checkpointing, optimizer...).
 
 Every recipe adapts the same layers: the family's :class:`~vlm.bench.work.FamilyWork` (LoRA r16 on the
-language model's attention and MLP; LLaVA r64 on its attention), alpha 16, no LoRA dropout.
+language model's attention and MLP; LLaVA r64 on its attention), alpha 16, no LoRA dropout, and starts from the
+same LoRA weights (:mod:`~vlm.bench.lora_init`), whose first grads each recipe reports.
 
 Each runs in a process of its own (:mod:`vlm.bench.worker`): peak memory is per process, and Unsloth
 patches transformers when imported. A peer that is not installed raises :class:`Unavailable`.
