@@ -146,9 +146,11 @@ def test_offload_frees_the_layer_inputs_on_the_gpu_and_gives_the_same_grads():
     assert offloader.counts.fetched_ahead == config.num_hidden_layers - 1
     assert held_standard - held_offload >= 0.9 * config.num_hidden_layers * layer_input_bytes
     assert torch.equal(loss_offload, loss)  # the same forward
-    # Attention's backward kernels need not be deterministic on a GPU: bitwise equality is checked on the CPU.
+    # Attention's backward kernels need not be deterministic on a GPU (bitwise equality is checked on the CPU): each
+    # grad within 2% of its own norm, where a wrong layer input brought back would be as far as the grad is large.
     for name, grad in grads.items():
-        torch.testing.assert_close(grads_offload[name], grad, rtol=2e-2, atol=1e-3, msg=name)
+        gap = (grads_offload[name].float() - grad.float()).norm() / grad.float().norm().clamp(min=1e-30)
+        assert gap < 2e-2, f"{name}: {gap:.2%} of its norm apart"
 
 
 @pytest.mark.gpu
