@@ -312,6 +312,7 @@ def test_from_the_same_lora_weights_our_first_grads_are_the_standard_recipes_wei
     assert agreement["compared"] == agreement["zero_in_both"] == 21 and agreement["nonzero_where_zero"] == 0
     assert agreement["median_relative_difference"] < 0.005 and agreement["max_relative_difference"] < 0.01
     assert agreement["at_weight"] in ours and agreement["at_weight"].endswith("lora_B.weight")
+    assert rows["ours"]["shared_lora_init"] and rows["standard"]["shared_lora_init"]
     assert all(".*." in group for group in agreement["by_group"])
 
 
@@ -353,6 +354,31 @@ def test_same_lora_init_draws_each_a_by_its_name_whatever_the_wrapping_and_zeroe
         a, b = drawn[f"{module}.lora_A.weight"], drawn[f"{module}.lora_B.weight"]
         assert not b.any() and a.abs().max() <= 64**-0.5 and a.std() > 0.5 * 64**-0.5 / 3**0.5  # U(±1/sqrt(in))
     assert not torch.equal(drawn["q_proj.lora_A.weight"][:4, :16], drawn["v_proj.lora_A.weight"][:4, :16])
+
+
+def test_adapters_another_init_made_are_left_as_they_are():
+    """PiSSA and LoftQ change the base weights to match their adapters: drawn again, the adapters would not fit."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(64, 32)}),
+                           LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="gaussian"))
+    before = {n: w.detach().clone() for n, w in model.named_parameters()}
+    assert same_lora_init(model) == 0
+    assert all(torch.equal(w, before[n]) for n, w in model.named_parameters())
+
+
+def test_first_grads_are_compared_only_between_recipes_that_started_from_the_same_lora_weights():
+    from vlm.cli.bench import first_grad_agreement
+
+    def row(recipe: str, norm: float, shared: bool) -> dict:
+        return {"recipe": recipe, "tokens": 8, "status": "ok", "shared_lora_init": shared,
+                "first_grad_norms": {"layers.0.q_proj.lora_B.weight": norm, "layers.0.q_proj.lora_A.weight": 0.0}}
+
+    (agreement,) = first_grad_agreement([row("standard", 2.0, True), row("ours", 2.1, True), row("liger", 9.0, False)])
+    assert agreement["reference"] == "standard" and agreement["compared"] == agreement["zero_in_both"] == 1
+    assert agreement["max_relative_difference"] == pytest.approx(0.05)
+    assert agreement["by_group"] == {"layers.*.q_proj.lora_B.weight": pytest.approx(0.05)}
+    assert first_grad_agreement([row("standard", 2.0, True), row("ours", 2.1, False)]) == []
 
 
 def test_a_model_without_lora_weights_is_refused():

@@ -34,7 +34,14 @@ def adapter_key(name: str) -> str | None:
 def same_lora_init(model: nn.Module, seed: int = 0) -> int:
     """Draw each LoRA A of ``model`` again from a stream seeded by ``seed`` and its :func:`adapter_key`, uniform in
     ``±1/sqrt(in_features)`` (PEFT's default, Kaiming-uniform with ``a = sqrt(5)``), and zero each B; returns the
-    number of adapted layers. Raises ``ValueError`` where ``model`` has no LoRA weights."""
+    number of adapted layers. Adapters that another init made (``init_lora_weights`` other than PEFT's default:
+    PiSSA and LoftQ change the base weights to match theirs) are left as they are, and 0 is returned. Raises
+    ``ValueError`` where ``model`` has no LoRA weights."""
+    configs = getattr(model, "peft_config", None) or {}
+    if any(getattr(config, "init_lora_weights", True) is not True for config in configs.values()):
+        if not any(adapter_key(name) for name, _ in model.named_parameters()):
+            raise ValueError("the model has no LoRA weights to initialise")
+        return 0
     adapted = 0
     with torch.no_grad():
         for name, weight in model.named_parameters():

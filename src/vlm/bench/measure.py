@@ -141,6 +141,7 @@ class Measurement:
     memory_timeline: tuple[dict, ...] = ()  # with --memory-timeline: MemoryEvent dicts of one step after the timed ones
     # Each LoRA weight's grad norm after the first backward, by name as every recipe spells it (vlm.bench.lora_init).
     first_grad_norms: dict[str, float] | None = None
+    shared_lora_init: bool = False  # False: the recipe's own LoRA init (init_lora_weights other than PEFT's default)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -51,6 +51,7 @@ class RecipeRun:
     memory_timeline: tuple[dict, ...] = ()
     build: str = ""  # this framework's build report: what each step did, the auto settings as the device decided
     first_grad_norms: dict[str, float] | None = None  # each LoRA weight's grad norm after the first backward
+    shared_lora_init: bool = False  # started from the LoRA weights every recipe starts from (vlm.bench.lora_init)
 
 
 def trainable_count(model: torch.nn.Module) -> int:
@@ -81,7 +82,7 @@ def run_recipe(name: str, work: BenchWork, checkpoint: Path, batch: dict[str, to
         model, weights = build_standard(work, checkpoint)
     else:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
-    same_lora_init(model)
+    shared_init = same_lora_init(model) > 0
     optimizer = eight_bit_adamw([p for p in model.parameters() if p.requires_grad], work.device)
     built = time.perf_counter() - started
     model.train()
@@ -103,7 +104,7 @@ def run_recipe(name: str, work: BenchWork, checkpoint: Path, batch: dict[str, to
     timeline = follow_memory(model, work) if memory_timeline else None
     log, memory = timed_steps(step, steps, work.device, profile_to, timeline)
     return RecipeRun(log, weights, built, trainable_count(model), memory, events(timeline),
-                     first_grad_norms=read_norms(first_grads))
+                     first_grad_norms=read_norms(first_grads), shared_lora_init=shared_init)
 
 
 def read_norms(norms: dict[str, torch.Tensor]) -> dict[str, float] | None:
@@ -265,7 +266,7 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     built = build_model(plan.model_recipe(str(checkpoint), work.device), planning)
-    same_lora_init(built.model)
+    shared_init = same_lora_init(built.model) > 0
     weights = device_bytes(work.device)
     module = VisionLanguageFineTuner(built.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
     timeline = follow_memory(built.model, work) if memory_timeline else None
@@ -279,7 +280,7 @@ def run_ours(work: BenchWork, checkpoint: Path, batch: dict[str, torch.Tensor], 
     build_s = time.perf_counter() - started
     trainer.fit(module, train_dataloaders=loader)
     return RecipeRun(timer.steps, weights, build_s, trainable_count(built.model), timer.memory, events(timeline),
-                     built.summary(), read_norms(timer.first_grads))
+                     built.summary(), read_norms(timer.first_grads), shared_init)
 
 
 class RepeatedBatch(torch.utils.data.Dataset):

@@ -57,7 +57,7 @@ def measure(spec: dict[str, Any]) -> None:
     measurement = Measurement(
         recipe=spec["recipe"], family=work.family, tokens=work.tokens, batch_size=work.batch_size, status="ok",
         build_s=round(run.build_s, 2), trainable_params=run.trainable_params, memory_timeline=run.memory_timeline,
-        build=run.build, first_grad_norms=run.first_grad_norms,
+        build=run.build, first_grad_norms=run.first_grad_norms, shared_lora_init=run.shared_lora_init,
         **fields,
         **memory_fields(work.device, run.weights_bytes, run.memory),
     )

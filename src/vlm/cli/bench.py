@@ -192,13 +192,14 @@ def loss_agreement(results: list[dict[str, Any]], recipe: str = "ours", referenc
 
 def first_grad_agreement(results: list[dict[str, Any]], recipe: str = "ours") -> list[dict[str, Any]]:
     """Per length, against each other recipe that ran: how far ``recipe``'s first grads are from the other's, weight
-    by weight (both start from the same LoRA weights, :mod:`vlm.bench.lora_init`). Weights whose grad is zero in the
+    by weight, where both started from the same LoRA weights (:mod:`vlm.bench.lora_init`). Weights whose grad is zero in the
     other (each A's: B starts at zero) are counted apart, as ``nonzero_where_zero`` where ``recipe``'s is not; by
     group, the layers' numbers left out (``language_model.layers.*.cross_attn.q_proj.lora_B.weight``): where a
     computation differs."""
     rows = []
     for tokens in sorted({r["tokens"] for r in results}):
-        ran = {r["recipe"]: r for r in results if r["tokens"] == tokens and r["status"] == "ok" and r.get("first_grad_norms")}
+        ran = {r["recipe"]: r for r in results if r["tokens"] == tokens and r["status"] == "ok"
+               and r.get("first_grad_norms") and r.get("shared_lora_init")}
         if recipe not in ran:
             continue
         ours = ran[recipe]["first_grad_norms"]
