@@ -109,7 +109,7 @@ def test_the_kernels_folder_does_not_shadow_the_kernels_distribution_from_the_re
     # here would be found first. Without an __init__.py the folder is only a namespace portion, which loses to an
     # installed package and which transformers' probe ignores when none is installed.
     probe = (
-        "import importlib.util, pathlib; "
+        "import importlib.util; "
         "spec = importlib.util.find_spec('kernels'); "
         "print('' if spec is None or spec.origin is None else spec.origin); "
         "import transformers; transformers.Qwen2VLProcessor"

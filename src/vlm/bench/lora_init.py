@@ -31,32 +31,28 @@ def adapter_key(name: str) -> str | None:
     return ".".join([*module, parts[kind], "weight"])
 
 
-def same_lora_init(model: nn.Module, seed: int = 0) -> int:
-    """Draw each LoRA A of ``model`` again from a stream seeded by ``seed`` and its :func:`adapter_key`, uniform in
+def same_lora_init(model: nn.Module) -> int:
+    """Draw each LoRA A of ``model`` again from a stream seeded by its :func:`adapter_key`, uniform in
     ``±1/sqrt(in_features)`` (PEFT's default, Kaiming-uniform with ``a = sqrt(5)``), and zero each B; returns the
     number of adapted layers. Adapters that another init made (``init_lora_weights`` other than PEFT's default:
     PiSSA and LoftQ change the base weights to match theirs) are left as they are, and 0 is returned. Raises
     ``ValueError`` where ``model`` has no LoRA weights."""
+    weights = [(key, weight) for name, weight in model.named_parameters() if (key := adapter_key(name)) is not None]
+    if not weights:
+        raise ValueError("the model has no LoRA weights to initialise")
     configs = getattr(model, "peft_config", None) or {}
     if any(getattr(config, "init_lora_weights", True) is not True for config in configs.values()):
-        if not any(adapter_key(name) for name, _ in model.named_parameters()):
-            raise ValueError("the model has no LoRA weights to initialise")
         return 0
     adapted = 0
     with torch.no_grad():
-        for name, weight in model.named_parameters():
-            key = adapter_key(name)
-            if key is None:
-                continue
+        for key, weight in weights:
             if key.endswith("lora_B.weight"):
                 weight.zero_()
                 continue
-            generator = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(key.encode()))
+            generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
             bound = weight.shape[1] ** -0.5
             weight.copy_(torch.empty(weight.shape).uniform_(-bound, bound, generator=generator))
             adapted += 1
-    if not adapted:
-        raise ValueError("the model has no LoRA weights to initialise")
     return adapted
 
 
