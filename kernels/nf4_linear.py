@@ -112,8 +112,9 @@ class FrozenNF4LoRALinearFunction(torch.autograd.Function):
         layout = (out_features, in_features, blocksize, nested_blocksize, quant_dtype)
         weight = dequantize_nf4_op(packed, code, absmax, absmax2, code2, offset, *layout, x.dtype)
         x_a = torch.mm(x, lora_A.t()) * scaling  # tokens x r: the scaling on the small tensor
-        # The LoRA product first, then the big GEMM accumulating onto it: the sum is rounded once, from the fp32
-        # accumulator, so an adapter's early updates, far below a bf16 ulp of the base product, are not lost.
+        # The LoRA product first, then the big GEMM accumulating onto it. Where addmm adds its input in fp32 (the
+        # CPU) the sum is rounded once, so an adapter's early updates, far below a bf16 step of the base product,
+        # reach the output; cuBLAS on an H200 rounds the product first and loses most of them, as PEFT's sum does.
         lora = torch.mm(x_a, lora_B.t()) if bias is None else torch.addmm(bias, x_a, lora_B.t())
         out = torch.addmm(lora, x, weight.t())
         ctx.save_for_backward(x, x_a, lora_A, lora_B, packed, code, absmax, absmax2, code2, offset)
