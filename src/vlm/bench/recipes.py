@@ -3,6 +3,9 @@
 - ``standard``: Transformers + PEFT + bitsandbytes as their documentation shows it: NF4 with double
   quantization (``lm_head`` kept), ``prepare_model_for_kbit_training`` with (non-reentrant) gradient
   checkpointing, AdamW 8-bit, in training mode.
+- ``standard-bf16``: the standard recipe with the 16-bit weights left in bf16, where
+  ``prepare_model_for_kbit_training`` upcasts them to fp32 (and with them the residual stream): not a peer, a
+  control. How far its loss curve lies from the standard recipe's is what bf16 alone makes of the same computation.
 - ``liger``: the standard recipe with Liger-Kernel's patches for the family applied first.
 - ``unsloth``: Unsloth's ``FastVisionModel`` in 4 bits, its own checkpointing, the same LoRA.
 - ``ours``: this framework's ``VisionLanguageFineTuner`` step run by a Lightning ``Trainer``, built as
@@ -33,7 +36,8 @@ from .measure import PhaseClock, PhaseMemory, StepLog, StepProfile, synchronize,
 from .memory_timeline import MemoryTimeline, model_parts
 from .work import BenchWork
 
-RECIPES = ("standard", "unsloth", "liger", "ours")
+PEERS_AND_OURS = ("standard", "unsloth", "liger", "ours")  # what a run compares unless told
+RECIPES = (*PEERS_AND_OURS, "standard-bf16")
 LEARNING_RATE = 2e-4
 LORA_ALPHA = 16
 
@@ -76,10 +80,10 @@ def run_recipe(name: str, work: BenchWork, checkpoint: Path, batch: dict[str, to
     lightning.seed_everything(0, verbose=False)  # LoRA's initial weights the same from run to run
     if name == "unsloth":
         model, weights = build_unsloth(work, checkpoint)
-    elif name in ("standard", "liger"):
+    elif name in ("standard", "standard-bf16", "liger"):
         if name == "liger":
             apply_liger(work.family)
-        model, weights = build_standard(work, checkpoint)
+        model, weights = build_standard(work, checkpoint, upcast=name != "standard-bf16")
     else:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
     shared_init = same_lora_init(model) > 0
@@ -148,7 +152,7 @@ def lora_target_pattern(work: BenchWork) -> str:
 
 
 # --------------------------------------------------------------------------- the peers
-def build_standard(work: BenchWork, checkpoint: Path) -> tuple[torch.nn.Module, int | None]:
+def build_standard(work: BenchWork, checkpoint: Path, upcast: bool = True) -> tuple[torch.nn.Module, int | None]:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
@@ -169,6 +173,10 @@ def build_standard(work: BenchWork, checkpoint: Path) -> tuple[torch.nn.Module, 
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
+    if not upcast:  # back to bf16 what it made fp32 (each weight was bf16 as loaded: the round trip is exact)
+        for param in model.parameters():
+            if param.dtype == torch.float32:
+                param.data = param.data.to(torch.bfloat16)
     lora = LoraConfig(r=work.setting.lora_r, lora_alpha=LORA_ALPHA, target_modules=lora_target_pattern(work))
     return get_peft_model(model, lora), weights
 

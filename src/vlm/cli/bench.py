@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm.bench.memory_timeline import timeline_table
-from vlm.bench.recipes import RECIPES
+from vlm.bench.recipes import PEERS_AND_OURS, RECIPES
 from vlm.bench.work import BenchWork, family_work
 from vlm.bench.worker import RESULT_PREFIX
 from vlm.cli.arguments import positive_int
@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--family", default="mllama", help="model family (model_type); default mllama")
     parser.add_argument("--tokens", type=positive_int, nargs="+", default=[2048], help="sequence lengths")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="default 1 (LLaVA: 2, as its anchors)")
-    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(PEERS_AND_OURS),
+                        help="default: all but standard-bf16, the standard recipe without its fp32 upcast: a control "
+                             "whose loss curve shows what bf16 alone moves")
     parser.add_argument("--steps", type=positive_int, default=8, help="steps per recipe, warm-up included")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     parser.add_argument("--longest", action="store_true", help="bisect each recipe's longest trainable sequence")
@@ -172,20 +174,25 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def loss_agreement(results: list[dict[str, Any]], recipe: str = "ours", reference: str = "standard") -> list[dict[str, Any]]:
-    """Per length where both ran: the largest relative difference between ``recipe``'s and
-    ``reference``'s loss at the same step, over the steps both ran, with the step where it lies (a
-    model that memorises its batch ends at losses near 0, where a small gap is a large ratio) and the
-    largest absolute difference."""
+def loss_agreement(results: list[dict[str, Any]], reference: str = "standard") -> list[dict[str, Any]]:
+    """Per length, for each recipe that ran beside ``reference``: the largest relative difference between its loss
+    and ``reference``'s at the same step, over the steps both ran, with the step where it lies (a model that
+    memorises its batch ends at losses near 0, where a small gap is a large ratio) and the largest absolute
+    difference."""
     rows = []
     for tokens in sorted({r["tokens"] for r in results}):
         ran = {r["recipe"]: r for r in results if r["tokens"] == tokens and r["status"] == "ok"}
-        if recipe in ran and reference in ran:
-            pairs = list(zip(ran[recipe]["losses"], ran[reference]["losses"], strict=False))
+        if reference not in ran:
+            continue
+        for recipe, row in ran.items():
+            if recipe == reference:
+                continue
+            pairs = list(zip(row["losses"], ran[reference]["losses"], strict=False))
             relative = [abs(a - b) / abs(b) for a, b in pairs]
             step = max(range(len(pairs)), key=relative.__getitem__)
-            rows.append({"tokens": tokens, "steps": len(pairs), "max_relative_difference": relative[step],
-                         "at_step": step, "losses_there": list(pairs[step]),
+            rows.append({"recipe": recipe, "reference": reference, "tokens": tokens, "steps": len(pairs),
+                         "max_relative_difference": relative[step], "at_step": step,
+                         "losses_there": list(pairs[step]),
                          "max_absolute_difference": max(abs(a - b) for a, b in pairs)})
     return rows
 
@@ -330,9 +337,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\n{report['device']} · {args.family} · batch {batch_size} · median of steps {args.warmup + 1}–{args.steps}")
     print(markdown)
     for row in agreement:
-        ours, standard = row["losses_there"]
-        print(f"loss, ours against standard at {row['tokens']} tokens over {row['steps']} steps: at most "
-              f"{row['max_relative_difference']:.2%} apart (step {row['at_step']}: {ours:.4g} against {standard:.4g}), "
+        theirs, reference = row["losses_there"]
+        print(f"loss, {row['recipe']} against {row['reference']} at {row['tokens']} tokens over {row['steps']} steps: "
+              f"at most {row['max_relative_difference']:.2%} apart "
+              f"(step {row['at_step']}: {theirs:.4g} against {reference:.4g}), "
               f"at most {row['max_absolute_difference']:.3g} in absolute terms"
               + ("" if args.same_optimization else " (not --same-optimization)"))
     for row in grads:
