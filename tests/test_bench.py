@@ -278,14 +278,15 @@ def test_with_the_same_optimization_our_loss_curve_follows_the_standard_recipes(
 
 def test_the_standard_recipe_left_in_bf16_computes_what_ours_computes(smoke_run):
     """The control for the lag above: the standard recipe without its fp32 upcast of the 16-bit weights. Its first
-    grads and its losses are ours (measured on the tiny model: 0.00% apart weight by weight, the same losses to four
-    digits; on an H200 at Llama-3.2-11B-Vision's size, 0.05% in the median and 0.33% at most over 20 steps), while
-    both lag the upcast recipe alike: the lag is bf16's, not a different computation."""
+    grads and its losses are ours (measured on the tiny model: first grads 0.00% apart weight by weight, the same
+    losses to four digits; on an H200 at Llama-3.2-11B-Vision's size, first grads 0.05% apart in the median and
+    losses 0.33% at most over 20 steps), while both lag the upcast recipe alike: the lag is bf16's, not a different
+    computation."""
     _, report = smoke_run
     rows = {r["recipe"]: r for r in report["results"]}
     for ours, control in zip(rows["ours"]["losses"], rows["standard-bf16"]["losses"], strict=True):
         assert ours == pytest.approx(control, rel=2e-3)
-    grads = {(row["reference"]): row for row in report["first_grad_agreement"]}
+    grads = {row["reference"]: row for row in report["first_grad_agreement"]}
     assert grads["standard-bf16"]["max_relative_difference"] < 1e-3 < grads["standard"]["max_relative_difference"]
     agreement = {row["recipe"]: row for row in report["loss_agreement"]}
     assert agreement["standard-bf16"]["max_relative_difference"] == pytest.approx(
