@@ -23,6 +23,7 @@ import re
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -174,26 +175,29 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _beside(results: list[dict[str, Any]], name: str,
+            usable: Callable[[dict[str, Any]], bool] = bool) -> Iterator[tuple[int, dict, str, dict]]:
+    """``(tokens, name's row, other recipe, its row)`` for each length where ``name`` ran, and each other recipe
+    that ran there; only rows that finished and that ``usable`` accepts."""
+    for tokens in sorted({r["tokens"] for r in results}):
+        ran = {r["recipe"]: r for r in results if r["tokens"] == tokens and r["status"] == "ok" and usable(r)}
+        if name in ran:
+            yield from ((tokens, ran[name], other, row) for other, row in ran.items() if other != name)
+
+
 def loss_agreement(results: list[dict[str, Any]], reference: str = "standard") -> list[dict[str, Any]]:
     """Per length, for each recipe that ran beside ``reference``: the largest relative difference between its loss
     and ``reference``'s at the same step, over the steps both ran, with the step where it lies (a model that
     memorises its batch ends at losses near 0, where a small gap is a large ratio) and the largest absolute
     difference."""
     rows = []
-    for tokens in sorted({r["tokens"] for r in results}):
-        ran = {r["recipe"]: r for r in results if r["tokens"] == tokens and r["status"] == "ok"}
-        if reference not in ran:
-            continue
-        for recipe, row in ran.items():
-            if recipe == reference:
-                continue
-            pairs = list(zip(row["losses"], ran[reference]["losses"], strict=False))
-            relative = [abs(a - b) / abs(b) for a, b in pairs]
-            step = max(range(len(pairs)), key=relative.__getitem__)
-            rows.append({"recipe": recipe, "reference": reference, "tokens": tokens, "steps": len(pairs),
-                         "max_relative_difference": relative[step], "at_step": step,
-                         "losses_there": list(pairs[step]),
-                         "max_absolute_difference": max(abs(a - b) for a, b in pairs)})
+    for tokens, theirs, recipe, row in _beside(results, reference):
+        pairs = list(zip(row["losses"], theirs["losses"], strict=False))
+        relative = [abs(a - b) / abs(b) for a, b in pairs]
+        step = max(range(len(pairs)), key=relative.__getitem__)
+        rows.append({"recipe": recipe, "reference": reference, "tokens": tokens, "steps": len(pairs),
+                     "max_relative_difference": relative[step], "at_step": step, "losses_there": list(pairs[step]),
+                     "max_absolute_difference": max(abs(a - b) for a, b in pairs)})
     return rows
 
 
@@ -203,34 +207,29 @@ def first_grad_agreement(results: list[dict[str, Any]], recipe: str = "ours") ->
     other (each A's: B starts at zero) are counted apart, as ``nonzero_where_zero`` where ``recipe``'s is not; by
     group, the layers' numbers left out (``language_model.layers.*.cross_attn.q_proj.lora_B.weight``): where a
     computation differs."""
+    def started_alike(row: dict[str, Any]) -> bool:
+        return bool(row.get("first_grad_norms")) and bool(row.get("shared_lora_init"))
+
     rows = []
-    for tokens in sorted({r["tokens"] for r in results}):
-        ran = {r["recipe"]: r for r in results if r["tokens"] == tokens and r["status"] == "ok"
-               and r.get("first_grad_norms") and r.get("shared_lora_init")}
-        if recipe not in ran:
+    for tokens, mine, reference, row in _beside(results, recipe, started_alike):
+        ours, theirs = mine["first_grad_norms"], row["first_grad_norms"]
+        common = sorted(ours.keys() & theirs.keys())
+        relative = {k: abs(ours[k] - theirs[k]) / theirs[k] for k in common if theirs[k] > 0}
+        if not relative:
             continue
-        ours = ran[recipe]["first_grad_norms"]
-        for reference, row in ran.items():
-            if reference == recipe:
-                continue
-            theirs = row["first_grad_norms"]
-            common = sorted(ours.keys() & theirs.keys())
-            relative = {k: abs(ours[k] - theirs[k]) / theirs[k] for k in common if theirs[k] > 0}
-            if not relative:
-                continue
-            groups: dict[str, list[float]] = {}
-            for key, value in relative.items():
-                groups.setdefault(re.sub(r"\.\d+\.", ".*.", key), []).append(value)
-            worst = max(relative, key=relative.__getitem__)
-            rows.append({
-                "tokens": tokens, "reference": reference, "compared": len(relative),
-                "zero_in_both": sum(theirs[k] == 0 and ours[k] == 0 for k in common),
-                "nonzero_where_zero": sum(theirs[k] == 0 and ours[k] != 0 for k in common),
-                "only_in_one": len(ours.keys() ^ theirs.keys()),
-                "median_relative_difference": statistics.median(relative.values()),
-                "max_relative_difference": relative[worst], "at_weight": worst,
-                "by_group": {group: statistics.median(values) for group, values in sorted(groups.items())},
-            })
+        groups: dict[str, list[float]] = {}
+        for key, value in relative.items():
+            groups.setdefault(re.sub(r"\.\d+\.", ".*.", key), []).append(value)
+        worst = max(relative, key=relative.__getitem__)
+        rows.append({
+            "tokens": tokens, "recipe": recipe, "reference": reference, "compared": len(relative),
+            "zero_in_both": sum(theirs[k] == 0 and ours[k] == 0 for k in common),
+            "nonzero_where_zero": sum(theirs[k] == 0 and ours[k] != 0 for k in common),
+            "only_in_one": len(ours.keys() ^ theirs.keys()),
+            "median_relative_difference": statistics.median(relative.values()),
+            "max_relative_difference": relative[worst], "at_weight": worst,
+            "by_group": {group: statistics.median(values) for group, values in sorted(groups.items())},
+        })
     return rows
 
 
@@ -345,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               + ("" if args.same_optimization else " (not --same-optimization)"))
     for row in grads:
         groups = sorted(row["by_group"].items(), key=lambda item: -item[1])[:3]
-        print(f"first grads, ours against {row['reference']} at {row['tokens']} tokens, from the same LoRA weights: "
+        print(f"first grads, {row['recipe']} against {row['reference']} at {row['tokens']} tokens, from the same LoRA weights: "
               f"{row['compared']} weights, median {row['median_relative_difference']:.2%} apart, at most "
               f"{row['max_relative_difference']:.2%} ({row['at_weight']}); furthest groups: "
               + ", ".join(f"{group} {value:.2%}" for group, value in groups)
