@@ -19,6 +19,7 @@ from vlm.bench import measure
 from vlm.bench.lora_init import adapter_key, same_lora_init
 from vlm.bench.measure import PHASES, PhaseClock, StepLog, summarize
 from vlm.cli import bench
+from vlm.models.compiling import graph_breaks
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def test_each_recipe_is_measured_in_its_own_process_on_the_same_work(smoke_run):
         phases = row["host_phases_ms"]
         assert tuple(phases) == PHASES and all(ms >= 0 for ms in phases.values())
         assert phases["forward"] > 0 and phases["backward"] > 0
+        assert row["graph_breaks"] == {}  # nothing is compiled on the CPU
     # The same layers adapted at the same rank, so the same parameters trained.
     assert rows["ours"]["trainable_params"] == rows["standard"]["trainable_params"] > 0
     # Ours says what its build did, the defaults left to the device as the CPU decided them.
@@ -134,6 +136,30 @@ def test_the_phase_memory_finds_the_phase_that_held_the_most():
     assert peaks["forward"] - peaks["backward"] >= (63 << 20)
     assert memory.peak_allocated >= peaks["forward"] >= (64 << 20)
     del small
+
+
+def test_graph_breaks_are_counted_by_the_first_line_of_their_reason():
+    """A compiled layer that broke ran in pieces, or eagerly: each row of the bench says how often, and why."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def broken(x):
+        x = x + 1
+        torch._dynamo.graph_break()
+        return x * 2
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = torch.compile(broken, backend="eager")
+        assert graph_breaks() == {}
+        compiled(torch.ones(3))
+        compiled(torch.ones(3, 2))  # a new shape: traced again, and broken again
+        breaks = graph_breaks()
+    finally:
+        torch._dynamo.reset()
+        counters.clear()
+    assert sum(breaks.values()) == 2 and all("\n" not in reason for reason in breaks), breaks
 
 
 def test_the_longest_sequence_is_bisected_to_the_resolution(monkeypatch, tmp_path):

@@ -26,10 +26,12 @@ from vlm.quant.config import QuantConfig
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    """Each test compiles anew."""
+    """Each test compiles anew, and counts its own graph breaks."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()
     yield
     torch._dynamo.reset()
 
@@ -100,6 +102,54 @@ def test_compiled_layers_train_as_the_eager_layers_do_and_evaluation_runs_the_ea
         logits, expected = model(**batch).logits, eager(**batch).logits
     assert _compiled_graphs() - before == graphs[-1]  # nothing more compiled: the eager layers ran
     assert torch.equal(logits, expected)  # the same eager layers and weights: no optimizer step ran
+
+
+# One family for each kind of trainable decoder layer but Mllama's (the test above): LLaVA-NeXT, SmolVLM and Idefics3
+# train Llama's layers as LLaVA does, and Qwen2.5-VL's layers are Qwen2-VL's code under another name.
+ONE_FAMILY_PER_DECODER_LAYER = ("llava", "gemma3", "qwen2_vl", "qwen3_vl")
+
+
+@pytest.mark.parametrize("model_type", ONE_FAMILY_PER_DECODER_LAYER)
+def test_each_decoder_layer_class_runs_as_its_compiled_program(tiny_checkpoint, model_type, one_cpu_thread):
+    """Whatever Python state a family's layers touch (Transformers' output capture, the ``kernels`` package's
+    variables), each checkpointed trainable layer runs whole as its compiled program, computing what the eager
+    layer computes: had TorchDynamo broken inside one, the checkpoint would have run the layer eagerly, and
+    bitsandbytes would have run its NF4 linears."""
+    from torch._dynamo.utils import counters
+
+    eager, batch = _model(tiny_checkpoint, model_type)
+    expected_loss, _ = loss_and_grads(eager, batch)
+    model, _ = _model(tiny_checkpoint, model_type)
+    compiled = compile_layers(model)
+    loss_and_grads(model, batch)  # compiles
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        loss, _ = loss_and_grads(model, batch)
+    torch.testing.assert_close(loss, expected_loss, **LOSS_TOLERANCE)
+    inside = {id(m) for layer in trainable_decoder_layers(model) for m in layer.modules()}
+    outside_layers = [m for m in model.modules() if type(m) is bnb.nn.Linear4bit and id(m) not in inside]
+    called = [event.name for event in profile.events()].count("bitsandbytes::gemm_4bit")
+    assert compiled.trainable > 0 and called == len(outside_layers)
+    # A break inside a checkpoint makes TorchDynamo give the checkpoint up; none is in a trainable layer.
+    refused = [reason for reason in counters["graph_break"] if "HOP" in reason or "checkpoint" in reason]
+    assert not refused, refused
+
+
+def test_a_layer_whose_checkpoint_cannot_compile_runs_eagerly_and_says_so():
+    """TorchDynamo gives a checkpoint up at any break inside it, and runs the layer eagerly: right, but at several
+    times the host time, which the run would otherwise not show."""
+    from vlm.models.compiling import _compiled_checkpoint
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            x = torch.sin(x)
+            torch._dynamo.graph_break()  # as a ContextVar read or an unsupported call inside a layer would
+            return x * 2
+
+    layer, x = Layer(), torch.randn(4, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match=r"broke inside the checkpoint of .*Layer\.forward .*runs eagerly"):
+        y = _compiled_checkpoint()(layer.forward, x)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * torch.cos(x.detach()))
 
 
 def _bytes_kept_for_the_backward(model, batch) -> int:

@@ -142,6 +142,9 @@ class Measurement:
     # Each LoRA weight's grad norm after the first backward, by name as every recipe spells it (vlm.bench.lora_init).
     first_grad_norms: dict[str, float] | None = None
     shared_lora_init: bool = False  # False: the recipe's own LoRA init (init_lora_weights other than PEFT's default)
+    # TorchDynamo's graph breaks over the run, by the first line of their reason: a compiled layer that broke ran
+    # in pieces, or eagerly where the break was inside its checkpoint, and nothing else says so.
+    graph_breaks: dict[str, int] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)

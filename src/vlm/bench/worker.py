@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
 def measure(spec: dict[str, Any]) -> None:
     import torch
 
+    from vlm.models.compiling import graph_breaks
+
     from .measure import Measurement, memory_fields, summarize
     from .recipes import Unavailable, run_recipe
     from .work import BenchWork, ensure_checkpoint, make_batch
@@ -58,6 +60,7 @@ def measure(spec: dict[str, Any]) -> None:
         recipe=spec["recipe"], family=work.family, tokens=work.tokens, batch_size=work.batch_size, status="ok",
         build_s=round(run.build_s, 2), trainable_params=run.trainable_params, memory_timeline=run.memory_timeline,
         build=run.build, first_grad_norms=run.first_grad_norms, shared_lora_init=run.shared_lora_init,
+        graph_breaks=graph_breaks(),
         **fields,
         **memory_fields(work.device, run.weights_bytes, run.memory),
     )

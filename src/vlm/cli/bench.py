@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                             if result["status"] == "ok" else f" ({result.get('reason', '')})"), flush=True)
             if result.get("build"):
                 print(f"  build: {result['build']}", flush=True)
+            if result.get("graph_breaks"):
+                print("  graph breaks: " + "; ".join(f"{reason} ×{count}" for reason, count in result["graph_breaks"].items()),
+                      flush=True)
             if result.get("host_phases_ms"):
                 print("  host ms: " + ", ".join(f"{phase} {ms:.1f}" for phase, ms in result["host_phases_ms"].items()),
                       flush=True)

@@ -19,6 +19,9 @@ the gated activation, the LoRA sums) into a few kernels.
   program: not the layer's output (the down projection), and with none of an eager checkpoint's host work.
   Under ``offload`` the offloader's saved-tensor hooks run around the compiled program and send the layer
   input it keeps to host memory; the weights and the inputs all layers share, which it keeps too, stay.
+- Two pieces of Python state that Transformers' layers touch are made traceable around each compiled call (see
+  :func:`_traceable_layer_state`): without that, from Transformers 5.2x on every layer but Mllama's would run
+  eagerly behind a silent fallback, and the frozen towers' blocks would break into pieces.
 - Only training steps run compiled (module in training mode; the trainable layers also with grad enabled);
   evaluation and generation, with their caches, run the eager layers.
 - ``auto`` (the default) is ``layers`` on CUDA, where the host time it saves is what a step waits on, and ``none``
@@ -28,13 +31,16 @@ the gated activation, the LoRA sums) into a few kernels.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch._dynamo import config as dynamo_config
 from torch._functorch import config as partitioner
 from torch.utils.checkpoint import checkpoint
 
@@ -168,13 +174,44 @@ def compile_layers(model: nn.Module, offloader: ActivationOffloader | None = Non
     return CompiledLayers(len(layers), len(blocks), traced)
 
 
+@contextlib.contextmanager
+def _traceable_layer_state() -> Iterator[None]:
+    """Python state that Transformers' layers read or write in their forward, made traceable for one compiled call.
+
+    - The collector of Transformers' output capture (``output_hidden_states``, ``output_attentions``): a hook on
+      each attention module reads it through a ``ContextVar``, which TorchDynamo cannot trace, so each call broke
+      there (the frozen towers' blocks ran in pieces; inside a checkpoint the whole layer ran eagerly). Its
+      wrapper reads a plain attribute instead where it is told compilation is on; for this call it is, holding the
+      collector that is active now.
+    - The ``kernels`` package (a dependency of Transformers 5.2x) sets and resets a variable of its own around
+      each attention forward. Inside a checkpoint a mutation of outer state is refused unless it need not be
+      replayed by the recomputation; these, which leave the state as they found it, need not.
+    """
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:  # a release without it captures outputs otherwise
+        output_capturing = None
+    collector = getattr(output_capturing, "_active_collector", None)
+    shimmed = hasattr(collector, "global_var") and getattr(collector, "compiling", None) is False
+    patches = {name: True for name in ("skip_fwd_side_effects_in_bwd_under_checkpoint",) if hasattr(dynamo_config, name)}
+    if shimmed:
+        collector.global_var, collector.compiling = collector.get(), True
+    try:
+        with dynamo_config.patch(patches):
+            yield
+    finally:
+        if shimmed:
+            collector.global_var, collector.compiling = None, False
+
+
 def _compile_when(module: nn.Module, compiled_now) -> None:  # noqa: ANN001
     eager = module.forward  # the class's forward, bound
     compiled = torch.compile(eager)
 
     def forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         if compiled_now():
-            return compiled(*args, **kwargs)
+            with _traceable_layer_state():
+                return compiled(*args, **kwargs)
         return eager(*args, **kwargs)
 
     module.forward = forward
@@ -189,6 +226,30 @@ def _compile_with_its_checkpoint(layer: nn.Module, offloader: ActivationOffloade
                                                                                          run)
 
 
+def graph_breaks() -> dict[str, int]:
+    """The graph breaks TorchDynamo counted in this process, by the first line of their reason."""
+    from torch._dynamo.utils import counters
+
+    found: dict[str, int] = {}
+    for reason, count in counters["graph_break"].items():
+        headline = reason.strip().splitlines()[0] if reason.strip() else "(no reason given)"
+        found[headline] = found.get(headline, 0) + count
+    return found
+
+
+def _warn_if_given_up(function, breaks_before: int) -> None:  # noqa: ANN001
+    """Warn, once per reason, where TorchDynamo broke inside a layer's checkpoint: it then runs that layer eagerly,
+    at several times the host time of its compiled program, and nothing else would say so."""
+    from torch._dynamo.utils import counters
+
+    reasons = list(counters["graph_break"])
+    for reason in reasons[breaks_before:]:
+        layer = getattr(getattr(function, "func", function), "__qualname__", "a layer")
+        headline = reason.strip().splitlines()[0]
+        warnings.warn(f"model.compile=layers: TorchDynamo broke inside the checkpoint of {layer} ({headline}); the "
+                      "layer runs eagerly", RuntimeWarning, stacklevel=4)
+
+
 def _checkpointed(function, *args):  # noqa: ANN001, ANN002, ANN202
     return checkpoint(function, *args, use_reentrant=False)
 
@@ -197,6 +258,8 @@ def _checkpointed(function, *args):  # noqa: ANN001, ANN002, ANN202
 def _compiled_checkpoint():  # noqa: ANN202
     # One compiled caller for every layer: TorchDynamo keys its programs by the code it traces (the layer
     # class's forward), so layers of one class share one.
+    from torch._dynamo.utils import counters
+
     compiled = torch.compile(_checkpointed)
 
     def run(function, *args):  # noqa: ANN001, ANN002, ANN202
@@ -206,9 +269,13 @@ def _compiled_checkpoint():  # noqa: ANN202
         # read by all of them; it is a setting of the compiler, read when a call compiles.
         budget = partitioner.activation_memory_budget
         partitioner.activation_memory_budget = 0.0
+        breaks_before = len(counters["graph_break"])  # a new reason is a new break: compiled calls add none
         try:
-            return compiled(function, *args)
+            with _traceable_layer_state():
+                return compiled(function, *args)
         finally:
             partitioner.activation_memory_budget = budget
+            if len(counters["graph_break"]) != breaks_before:
+                _warn_if_given_up(function, breaks_before)
 
     return run
