@@ -21,7 +21,8 @@ the gated activation, the LoRA sums) into a few kernels.
   input it keeps to host memory; the weights and the inputs all layers share, which it keeps too, stay.
 - Two pieces of Python state that Transformers' layers touch are made traceable around each compiled call (see
   :func:`_traceable_layer_state`): without that, from Transformers 5.2x on every layer but Mllama's would run
-  eagerly behind a silent fallback, and the frozen towers' blocks would break into pieces.
+  eagerly behind a silent fallback, and the frozen towers' blocks would break into pieces. A checkpoint that
+  TorchDynamo still gives up warns; so does a frozen block that fails to compile, which then runs eagerly.
 - Only training steps run compiled (module in training mode; the trainable layers also with grad enabled);
   evaluation and generation, with their caches, run the eager layers.
 - ``auto`` (the default) is ``layers`` on CUDA, where the host time it saves is what a step waits on, and ``none``
@@ -170,7 +171,7 @@ def compile_layers(model: nn.Module, offloader: ActivationOffloader | None = Non
         else:
             _compile_when(layer, lambda layer=layer: layer.training and torch.is_grad_enabled())
     for block in blocks:  # forward only, under no_grad: no cache to keep eager for, but eval stays eager
-        _compile_when(block, lambda block=block: block.training)
+        _compile_frozen_block(block)
     return CompiledLayers(len(layers), len(blocks), traced)
 
 
@@ -215,6 +216,35 @@ def _compile_when(module: nn.Module, compiled_now) -> None:  # noqa: ANN001
         return eager(*args, **kwargs)
 
     module.forward = forward
+
+
+def _compile_frozen_block(block: nn.Module) -> None:
+    """As :func:`_compile_when` for a block of a frozen tower in training steps.
+
+    - Values read off a tensor are traced as symbolic sizes: Qwen's vision blocks split their attention per image by
+      lengths read with ``.tolist()``, which otherwise breaks each block into pieces. The read syncs with the device
+      in the program as it does eagerly.
+    - A block whose program fails to compile runs eagerly from then on, with a warning: it runs forward only,
+      without autograd, so running it again eagerly repeats nothing.
+    """
+    eager = block.forward
+    compiled = torch.compile(eager)
+    failed: list[str] = []
+
+    def forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if block.training and not failed:
+            try:
+                with _traceable_layer_state(), dynamo_config.patch(capture_scalar_outputs=True):
+                    return compiled(*args, **kwargs)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as error:  # noqa: BLE001  (any failure of the compiler: the eager block is the answer)
+                failed.append(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
+                warnings.warn(f"model.compile=layers: {type(block).__name__} of the frozen tower did not compile "
+                              f"({failed[0][:300]}); it runs eagerly", RuntimeWarning, stacklevel=2)
+        return eager(*args, **kwargs)
+
+    block.forward = forward
 
 
 def _compile_with_its_checkpoint(layer: nn.Module, offloader: ActivationOffloader | None) -> None:
