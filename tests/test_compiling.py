@@ -133,6 +133,31 @@ def test_each_decoder_layer_class_runs_as_its_compiled_program(tiny_checkpoint, 
     assert not counters["graph_break"], list(counters["graph_break"])
 
 
+def test_a_compiled_layer_without_a_checkpoint_keeps_no_16_bit_copy_of_its_weights_for_the_backward(tiny_checkpoint,
+                                                                                                   one_cpu_thread):
+    """``model.checkpointing=none``: the layer keeps its activations, and its backward dequantizes each NF4 weight
+    again, as the eager layer does; merged with the forward's, every weight would be kept dequantized for the
+    backward, 0.4 GB a layer at a 7B model's widths."""
+    model, batch = _model(tiny_checkpoint, "llava", checkpointing="none")
+    _, expected_grads = loss_and_grads(model, batch)
+    compile_layers(model)
+    weight_shapes = {tuple(int(n) for n in m.weight.quant_state.shape) for m in model.modules()
+                     if isinstance(m, bnb.nn.Linear4bit)}
+    kept_shapes = []
+
+    def pack(tensor):
+        if tensor.is_floating_point():
+            kept_shapes.append(tuple(tensor.shape))
+        return tensor
+
+    loss_and_grads(model, batch)  # compiles
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _, grads = loss_and_grads(model, batch)
+    assert kept_shapes and weight_shapes and not weight_shapes & set(kept_shapes)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, **GRAD_TOLERANCE, msg=name)
+
+
 def test_a_layer_whose_checkpoint_cannot_compile_runs_eagerly_and_says_so():
     """TorchDynamo gives a checkpoint up at any break inside it, and runs the layer eagerly: right, but at several
     times the host time, which the run would otherwise not show."""
