@@ -169,7 +169,7 @@ def compile_layers(model: nn.Module, offloader: ActivationOffloader | None = Non
             raise ValueError(f"model.compile=layers with model.checkpointing=offload: {type(layer).__name__} is not "
                              "checkpointed (enable the checkpointing first)")
         else:
-            _compile_when(layer, lambda layer=layer: layer.training and torch.is_grad_enabled(), keep_no_16_bit_weights=True)
+            _compile_without_checkpoint(layer)
     for block in blocks:  # forward only, under no_grad: no cache to keep eager for, but eval stays eager
         _compile_frozen_block(block)
     return CompiledLayers(len(layers), len(blocks), traced)
@@ -205,27 +205,27 @@ def _traceable_layer_state() -> Iterator[None]:
             collector.global_var, collector.compiling = None, False
 
 
-def _compile_when(module: nn.Module, compiled_now, keep_no_16_bit_weights: bool = False) -> None:  # noqa: ANN001
-    """Run ``module`` compiled where ``compiled_now()``. With ``keep_no_16_bit_weights`` (a layer that trains without a
-    checkpoint) its backward dequantizes each NF4 weight again, as the eager layer's does: AOTAutograd's common-
-    subexpression pass would otherwise merge the forward's and the backward's dequantization and keep every 16-bit
-    weight for the backward (0.4 GB a layer at LLaVA-1.5-7B's widths, measured on the CPU, more than its activations
-    at 4096 tokens)."""
-    eager = module.forward  # the class's forward, bound
+def _compile_without_checkpoint(layer: nn.Module) -> None:
+    """Run a trainable ``layer`` that keeps its activations compiled in training steps with grad, eagerly elsewhere.
+
+    Its backward dequantizes each NF4 weight again, as the eager layer's does: AOTAutograd's common-subexpression
+    pass would otherwise merge the forward's and the backward's dequantization and keep every 16-bit weight for the
+    backward (0.4 GB a layer at LLaVA-1.5-7B's widths, measured on the CPU, more than its activations at 4096 tokens).
+    """
+    eager = layer.forward  # the class's forward, bound
     compiled = torch.compile(eager)
-    settings = {"cse": False} if keep_no_16_bit_weights else {}
 
     def forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        if compiled_now():
-            with _traceable_layer_state(), partitioner.patch(settings):
+        if layer.training and torch.is_grad_enabled():
+            with _traceable_layer_state(), partitioner.patch(cse=False):
                 return compiled(*args, **kwargs)
         return eager(*args, **kwargs)
 
-    module.forward = forward
+    layer.forward = forward
 
 
 def _compile_frozen_block(block: nn.Module) -> None:
-    """As :func:`_compile_when` for a block of a frozen tower in training steps.
+    """Run a block of a frozen tower compiled in training steps, eagerly elsewhere (evaluation).
 
     - Values read off a tensor are traced as symbolic sizes: Qwen's vision blocks split their attention per image by
       lengths read with ``.tolist()``, which otherwise breaks each block into pieces. The read syncs with the device
